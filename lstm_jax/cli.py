@@ -1,0 +1,222 @@
+"""Command-line flags, defined once, and how the commands turn them into a `Config`.
+
+Only `lstm_jax.main` and `lstm_jax.sample` import this module. Experiments are absl flagfiles:
+`python -m lstm_jax.main --flagfile=experiments/dracula_2x512.flags`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import sys
+from collections.abc import Callable, Iterator
+from typing import Any
+
+from absl import app, flags, logging
+
+from lstm_jax.config import Config
+from lstm_jax.errors import UserError
+
+_D = Config()  # Defaults come from the dataclass, so they are written down once.
+
+# --- Data ---
+DATA_PATH = flags.DEFINE_string(
+    "data_path",
+    _D.data_path,
+    "Local text file to train on. Empty: download Gutenberg #345 (Dracula) into --data_dir once.",
+)
+DATA_DIR = flags.DEFINE_string("data_dir", _D.data_dir, "Download cache folder.")
+DATA_URL = flags.DEFINE_string(
+    "data_url",
+    _D.data_url,
+    "Plain-text Project Gutenberg book to download when --data_path is empty.",
+)
+ENCODING = flags.DEFINE_string("encoding", _D.encoding, "Text encoding of the input file.")
+LOWERCASE = flags.DEFINE_bool("lowercase", _D.lowercase, "Lower-case the text (smaller vocab).")
+VAL_FRACTION = flags.DEFINE_float(
+    "val_fraction", _D.val_fraction, "Fraction of the text, at its end, held out for validation."
+)
+SEQ_LEN = flags.DEFINE_integer("seq_len", _D.seq_len, "Characters per training sequence (BPTT).")
+GLOBAL_BATCH = flags.DEFINE_integer(
+    "global_batch",
+    _D.global_batch,
+    "Sequences per step over all devices; must divide by the device count.",
+)
+CARRY_STATE = flags.DEFINE_bool(
+    "carry_state",
+    _D.carry_state,
+    "Carry the LSTM state from one batch to the next (contiguous "
+    "streams, char-rnn style). Off: independent random windows from a zero state.",
+)
+SEED = flags.DEFINE_integer("seed", _D.seed, "Seed for initialisation, batches and dropout.")
+
+# --- Model ---
+EMBED_DIM = flags.DEFINE_integer("embed_dim", _D.embed_dim, "Character embedding size.")
+HIDDEN = flags.DEFINE_integer("hidden", _D.hidden, "LSTM units per layer.")
+NUM_LAYERS = flags.DEFINE_integer("num_layers", _D.num_layers, "Number of stacked LSTM layers.")
+DROPOUT = flags.DEFINE_float(
+    "dropout", _D.dropout, "Dropout rate between LSTM layers and before the output layer, [0, 1)."
+)
+
+# --- Optimisation ---
+OPTIMIZER = flags.DEFINE_enum("optimizer", _D.optimizer, ["adam", "adamw"], "Optimizer.")
+LEARNING_RATE = flags.DEFINE_float("learning_rate", _D.learning_rate, "Peak learning rate.")
+WEIGHT_DECAY = flags.DEFINE_float(
+    "weight_decay", _D.weight_decay, "Decoupled weight decay (adamw only)."
+)
+WARMUP_STEPS = flags.DEFINE_integer(
+    "warmup_steps", _D.warmup_steps, "Steps of linear learning-rate warm-up from 0."
+)
+SCHEDULE = flags.DEFINE_string(
+    "schedule",
+    _D.schedule,
+    "After warm-up: constant, or cosine decay to 10% of the peak at the last step.",
+)
+GRAD_CLIP = flags.DEFINE_float(
+    "grad_clip", _D.grad_clip, "Clip gradients to this global norm; 0 turns clipping off."
+)
+NUM_STEPS = flags.DEFINE_integer(
+    "num_steps", _D.num_steps, "Training steps; 0 means --num_epochs passes over the text."
+)
+NUM_EPOCHS = flags.DEFINE_float(
+    "num_epochs", _D.num_epochs, "Passes over the training text, used when --num_steps=0."
+)
+
+# --- Loop and outputs ---
+WORKDIR = flags.DEFINE_string(
+    "workdir",
+    _D.workdir,
+    "Run folder: checkpoints, metrics.jsonl, flags. Running the same "
+    "command again resumes from it.",
+)
+LOG_EVERY = flags.DEFINE_integer("log_every", _D.log_every, "Log progress every N steps.")
+EVAL_EVERY = flags.DEFINE_integer(
+    "eval_every", _D.eval_every, "Evaluate on the whole validation text every N steps."
+)
+CHECKPOINT_EVERY = flags.DEFINE_integer(
+    "checkpoint_every",
+    _D.checkpoint_every,
+    "Save a checkpoint (with a validation run) every N steps, and always at the end.",
+)
+KEEP_CHECKPOINTS = flags.DEFINE_integer(
+    "keep_checkpoints", _D.keep_checkpoints, "Latest checkpoints to keep, besides the best one."
+)
+SAMPLE_EVERY = flags.DEFINE_integer(
+    "sample_every", _D.sample_every, "Print a sample every N steps; 0: only at the end."
+)
+RESTART = flags.DEFINE_bool(
+    "restart",
+    _D.restart,
+    "Set aside the checkpoints in --workdir (renamed, not deleted) and start from scratch.",
+)
+
+# --- Sampling (main's samples, and python -m lstm_jax.sample) ---
+PROMPT = flags.DEFINE_string(
+    "prompt",
+    "",
+    "Text to start generating from. Empty: a newline (sample) or a random "
+    "100-character window of the validation text (main, like the classic tutorial).",
+)
+LENGTH = flags.DEFINE_integer("length", _D.sample_length, "Characters to generate.")
+TEMPERATURE = flags.DEFINE_float(
+    "temperature", _D.sample_temperature, "Sampling temperature; 0 is greedy argmax."
+)
+TOP_K = flags.DEFINE_integer("top_k", 0, "Sample from the k most likely characters; 0: all.")
+NUM_SAMPLES = flags.DEFINE_integer("num_samples", 1, "Samples to generate at once.")
+CHECKPOINT = flags.DEFINE_string(
+    "checkpoint", "best", "Checkpoint to sample from: latest, best or a step number."
+)
+UNKNOWN = flags.DEFINE_enum(
+    "unknown",
+    "error",
+    ["error", "skip"],
+    "Prompt characters outside the vocabulary: stop with an error, or drop them.",
+)
+
+
+def config_from_flags() -> Config:
+    """The run's `Config`, built from the parsed flags."""
+    return Config(
+        data_path=DATA_PATH.value,
+        data_dir=DATA_DIR.value,
+        data_url=DATA_URL.value,
+        encoding=ENCODING.value,
+        lowercase=LOWERCASE.value,
+        val_fraction=VAL_FRACTION.value,
+        seq_len=SEQ_LEN.value,
+        global_batch=GLOBAL_BATCH.value,
+        carry_state=CARRY_STATE.value,
+        seed=SEED.value,
+        embed_dim=EMBED_DIM.value,
+        hidden=HIDDEN.value,
+        num_layers=NUM_LAYERS.value,
+        dropout=DROPOUT.value,
+        optimizer=OPTIMIZER.value,
+        learning_rate=LEARNING_RATE.value,
+        weight_decay=WEIGHT_DECAY.value,
+        warmup_steps=WARMUP_STEPS.value,
+        schedule=SCHEDULE.value,
+        grad_clip=GRAD_CLIP.value,
+        num_steps=NUM_STEPS.value,
+        num_epochs=NUM_EPOCHS.value,
+        workdir=WORKDIR.value,
+        log_every=LOG_EVERY.value,
+        eval_every=EVAL_EVERY.value,
+        checkpoint_every=CHECKPOINT_EVERY.value,
+        keep_checkpoints=KEEP_CHECKPOINTS.value,
+        sample_every=SAMPLE_EVERY.value,
+        sample_length=LENGTH.value,
+        sample_temperature=TEMPERATURE.value,
+        sample_prompt=PROMPT.value,
+        restart=RESTART.value,
+    )
+
+
+def sample_options() -> dict[str, Any]:
+    """What `python -m lstm_jax.sample` reads; the model itself comes from the checkpoint."""
+    return {
+        "workdir": WORKDIR.value,
+        "checkpoint": CHECKPOINT.value,
+        "prompt": PROMPT.value,
+        "length": LENGTH.value,
+        "temperature": TEMPERATURE.value,
+        "top_k": TOP_K.value,
+        "num_samples": NUM_SAMPLES.value,
+        "seed": SEED.value,
+        "unknown": UNKNOWN.value,
+    }
+
+
+def flagfile_text() -> str:
+    """The flags that differ from their defaults, as a flagfile that reproduces the run."""
+    lines = []
+    for holder in _ALL_FLAGS:
+        if holder.present or holder.value != holder.default:
+            lines.append(flags.FLAGS[holder.name].serialize())
+    return "\n".join(lines) + "\n"
+
+
+_ALL_FLAGS = [value for value in list(globals().values()) if isinstance(value, flags.FlagHolder)]
+
+
+@contextlib.contextmanager
+def user_errors() -> Iterator[None]:
+    """Turn a `UserError` into one line on stderr and its exit code, with no traceback."""
+    try:
+        yield
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(e.exit_code)
+
+
+def run(main: Callable[[list[str]], None]) -> None:
+    """Parse flags (absl, plus --jax_* flags) and run `main`."""
+    import jax
+
+    jax.config.config_with_absl()
+    logging.get_absl_logger().addFilter(_quiet_libraries)
+    app.run(main)
+
+
+def _quiet_libraries(record) -> bool:
+    """Orbax logs every file it writes at INFO; keep only its warnings and errors."""
+    return record.levelno >= logging.converter.STANDARD_WARNING or "/orbax/" not in record.pathname
