@@ -35,9 +35,10 @@ class Checkpoints:
         best_by_val = policies.BestN(
             get_metric_fn=lambda metrics: metrics["val_loss"], reverse=True, n=1
         )
+        # "Read-only" here means: never create the folder. Orbax's own read_only mode logs
+        # warnings on every open, and nothing is saved unless `save` is called anyway.
         options = ocp.CheckpointManagerOptions(
             create=not read_only,
-            read_only=read_only,
             best_fn=lambda metrics: metrics["val_loss"],
             best_mode="min",
             preservation_policy=policies.AnyPreservationPolicy(

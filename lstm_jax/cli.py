@@ -7,6 +7,7 @@ Only `lstm_jax.main` and `lstm_jax.sample` import this module. Experiments are a
 from __future__ import annotations
 
 import contextlib
+import logging as pylogging
 import sys
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -14,7 +15,7 @@ from typing import Any
 from absl import app, flags, logging
 
 from lstm_jax.config import Config
-from lstm_jax.errors import UserError
+from lstm_jax.errors import UsageError, UserError
 
 _D = Config()  # Defaults come from the dataclass, so they are written down once.
 
@@ -198,6 +199,13 @@ def flagfile_text() -> str:
 _ALL_FLAGS = [value for value in list(globals().values()) if isinstance(value, flags.FlagHolder)]
 
 
+def refuse_positional_arguments(argv: list[str]) -> None:
+    if len(argv) > 1:
+        raise UsageError(
+            f"Unexpected arguments: {' '.join(argv[1:])}; flags look like --name=value."
+        )
+
+
 @contextlib.contextmanager
 def user_errors() -> Iterator[None]:
     """Turn a `UserError` into one line on stderr and its exit code, with no traceback."""
@@ -214,6 +222,8 @@ def run(main: Callable[[list[str]], None]) -> None:
 
     jax.config.config_with_absl()
     logging.get_absl_logger().addFilter(_quiet_libraries)
+    # "Unable to initialize backend 'tpu'" on every CPU or GPU machine is noise, not news.
+    pylogging.getLogger("jax._src.xla_bridge").setLevel(pylogging.WARNING)
     app.run(main)
 
 

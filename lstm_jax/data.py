@@ -9,6 +9,7 @@ run sees exactly the batches an uninterrupted one would.
 from __future__ import annotations
 
 import dataclasses
+import http.client
 import json
 import os
 import re
@@ -61,15 +62,26 @@ def download(url: str, cache_dir: str | os.PathLike, *, timeout: float = 60.0) -
                     "or pass --data_path=FILE with a local copy."
                 )
         with open(tmp_name, "rb") as f:
-            head = f.read()
-        if _START_RE.search(head.decode("utf-8", errors="replace")) is None:
+            text = f.read().decode("utf-8", errors="replace")
+        start = _START_RE.search(text)
+        if start is None:
             raise UserError(
                 f"{url} did not return a Project Gutenberg text (no '*** START OF' line); "
                 "pass --data_path=FILE with a local copy."
             )
+        # A reply without Content-Length ends wherever the connection dropped: only a text that
+        # reaches its END line is known to be whole, so only that one is cached.
+        if _END_RE.search(text, start.end()) is None:
+            raise UserError(
+                f"Download of {url} has no '*** END OF' line, so it was cut off; run again, "
+                "or pass --data_path=FILE with a local copy."
+            )
         os.replace(tmp_name, target)
         return target
-    except (urllib.error.URLError, OSError, ValueError) as e:
+    except (urllib.error.URLError, OSError, ValueError, http.client.HTTPException) as e:
+        # HTTPException: e.g. IncompleteRead when a chunked reply breaks off mid-body.
+        if isinstance(e, urllib.error.HTTPError):
+            e.close()  # It holds the reply's open connection.
         reason = f"HTTP {e.code} {e.reason}" if hasattr(e, "code") else getattr(e, "reason", e)
         raise UserError(
             f"Could not download {url} ({reason}); offline? Pass --data_path=FILE (a local copy)."
@@ -86,7 +98,10 @@ def read_text(path: str | os.PathLike, encoding: str = "utf-8") -> str:
         raise UserError(f"--data_path={path} does not exist; give an existing text file.")
     if path.is_dir():
         raise UserError(f"--data_path={path} is a directory; give a text file.")
-    raw = path.read_bytes()
+    try:
+        raw = path.read_bytes()
+    except OSError as e:  # Permission denied, a broken disk, ...
+        raise UserError(f"--data_path={path} cannot be read: {e.strerror or e}.") from None
     if not raw.strip():
         raise UserError(f"--data_path={path} is empty; give a file with text in it.")
     try:

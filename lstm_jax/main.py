@@ -17,10 +17,9 @@ from lstm_jax import cli, train
 
 
 def main(argv: list[str]) -> None:
-    if len(argv) > 1:
-        raise app_usage_error(argv)
     logging.set_verbosity(logging.INFO)
     with cli.user_errors():
+        cli.refuse_positional_arguments(argv)
         config = cli.config_from_flags()
         config.validate()
         logging.info(
@@ -36,14 +35,6 @@ def main(argv: list[str]) -> None:
             workdir.mkdir(parents=True, exist_ok=True)
             (workdir / "flags.txt").write_text(cli.flagfile_text())
         train.train_and_evaluate(config)
-
-
-def app_usage_error(argv: list[str]):
-    from absl import app
-
-    return app.UsageError(
-        f"Unexpected arguments: {' '.join(argv[1:])}; flags look like --name=value."
-    )
 
 
 if __name__ == "__main__":

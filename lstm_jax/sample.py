@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from lstm_jax.data import Vocab
-from lstm_jax.errors import UserError
+from lstm_jax.errors import UsageError, UserError
 from lstm_jax.models import CharLSTM
 
 
@@ -98,8 +98,6 @@ def sample_text(
 
 
 def check_sampling_args(length: int, temperature: float, top_k: int, vocab_size: int) -> None:
-    from lstm_jax.errors import UsageError
-
     if length <= 0:
         raise UsageError(f"--length must be positive, got {length}.")
     if temperature < 0:
@@ -111,8 +109,8 @@ def check_sampling_args(length: int, temperature: float, top_k: int, vocab_size:
 def main(argv: list[str]) -> None:
     from lstm_jax import cli  # Flags are read only by the command-line modules.
 
-    del argv
     with cli.user_errors():
+        cli.refuse_positional_arguments(argv)
         options = cli.sample_options()
         from lstm_jax.checkpoint import Checkpoints, abstract_like
         from lstm_jax.models import init_params, model_from_settings
@@ -123,7 +121,7 @@ def main(argv: list[str]) -> None:
         vocab = Vocab(meta["vocab"])
         check_sampling_args(options["length"], options["temperature"], options["top_k"], vocab.size)
         model = model_from_settings(meta["settings"], vocab.size)
-        abstract = jax.eval_shape(init_params, model, jax.random.key(0))
+        abstract = jax.eval_shape(functools.partial(init_params, model), jax.random.key(0))
         device = jax.local_devices()[0]
         params = checkpoints.restore_params(
             step, abstract_like(abstract, jax.sharding.SingleDeviceSharding(device))

@@ -119,7 +119,7 @@ def train_step(
     if axis_name is not None:
         grads = jax.lax.pmean(grads, axis_name)
         metrics = jax.lax.psum(metrics, axis_name)
-    metrics["grad_norm"] = optax.global_norm(grads)
+    metrics["grad_norm"] = optax.tree.norm(grads)
     return state.apply_gradients(grads=grads), new_carry, metrics
 
 
@@ -221,14 +221,14 @@ def train_and_evaluate(
     text, data_note = load_corpus(config)
     vocab = Vocab.from_text(text)
     train_ids, val_ids = split(vocab.encode(text), config.val_fraction)
+    batcher = Batcher(
+        train_ids, config.seq_len, config.global_batch, config.seed, config.carry_state
+    )
     if len(val_ids) <= config.seq_len:
         raise UsageError(
             f"--seq_len={config.seq_len} is longer than the validation text ({len(val_ids)} "
             "characters); lower --seq_len or raise --val_fraction."
         )
-    batcher = Batcher(
-        train_ids, config.seq_len, config.global_batch, config.seed, config.carry_state
-    )
     process_rows = config.global_batch // jax.process_count()
     rows = slice(jax.process_index() * process_rows, (jax.process_index() + 1) * process_rows)
     eval_inputs, eval_targets, eval_weights = (

@@ -1,0 +1,85 @@
+"""Test set-up: 8 fake CPU devices for pmap, and where the real Dracula text comes from.
+
+XLA_FLAGS must be set before JAX starts its backend, so it is set here, at import.
+"""
+
+from __future__ import annotations
+
+import os
+import urllib.error
+from pathlib import Path
+
+os.environ["XLA_FLAGS"] = (
+    os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+).strip()
+
+import pytest  # noqa: E402
+
+DRACULA_ENV = "LSTM_JAX_DRACULA"
+
+
+@pytest.fixture(scope="session")
+def dracula_path(tmp_path_factory) -> Path:
+    """The real Dracula text: $LSTM_JAX_DRACULA (CI sets it), else the project's downloader."""
+    if os.environ.get(DRACULA_ENV):
+        path = Path(os.environ[DRACULA_ENV])
+        assert path.is_file(), f"${DRACULA_ENV}={path} does not exist"
+        return path
+    from lstm_jax.config import Config
+    from lstm_jax.data import download
+    from lstm_jax.errors import UserError
+
+    config = Config()
+    try:
+        return download(config.data_url, Path(config.data_dir).expanduser(), timeout=20)
+    except (UserError, urllib.error.URLError) as e:
+        pytest.skip(f"no Dracula text: set ${DRACULA_ENV} or go online to download it ({e})")
+
+
+@pytest.fixture(scope="session")
+def small_text() -> str:
+    """A few kB of varied English, enough for tiny models and fast tests."""
+    words = (
+        "the count said that the night was dark and the wolves were howling near the castle "
+        "while jonathan wrote in his diary of the strange things he had seen that day "
+        "mina and lucy walked by the sea at whitby where the ship came in with no crew "
+    ).split()
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    sentences = []
+    for _ in range(400):
+        n = int(rng.integers(5, 14))
+        sentence = " ".join(words[int(i)] for i in rng.integers(0, len(words), n))
+        sentences.append(sentence.capitalize() + ".")
+    return " ".join(sentences) + "\n"
+
+
+@pytest.fixture
+def small_text_path(tmp_path, small_text) -> Path:
+    path = tmp_path / "small.txt"
+    path.write_text(small_text)
+    return path
+
+
+@pytest.fixture
+def tiny_config(small_text_path, tmp_path):
+    """A model small enough that a step takes milliseconds; quiet loop, no periodic saves."""
+    from lstm_jax.config import Config
+
+    return Config(
+        data_path=str(small_text_path),
+        workdir=str(tmp_path / "run"),
+        embed_dim=8,
+        hidden=16,
+        num_layers=2,
+        seq_len=16,
+        global_batch=8,
+        num_steps=8,
+        warmup_steps=2,
+        learning_rate=1e-2,
+        log_every=4,
+        eval_every=1000,
+        checkpoint_every=1000,
+        sample_length=20,
+    )

@@ -1,0 +1,88 @@
+"""Sampling: reproducible, greedy in the limits, never outside the vocabulary."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from lstm_jax.data import Vocab
+from lstm_jax.errors import UsageError, UserError
+from lstm_jax.models import CharLSTM, init_params
+from lstm_jax.sample import _next_token, check_sampling_args, encode_prompt, generate, sample_text
+
+VOCAB = Vocab(" .abcdefghij")
+
+
+@pytest.fixture(scope="module")
+def model_and_params():
+    model = CharLSTM(vocab_size=VOCAB.size, embed_dim=8, hidden=16, num_layers=2)
+    params = init_params(model, jax.random.key(0))
+    # Larger weights make the distribution peaked but not one-hot: greedy and sampled differ.
+    params = jax.tree.map(lambda p: p * 3.0, params)
+    return model, params
+
+
+def _greedy_by_hand(model, params, prompt_ids, length):
+    carry = model.initialize_carry(prompt_ids.shape[0])
+    carry, logits = model.apply({"params": params}, carry, prompt_ids)
+    out = []
+    token = jnp.argmax(logits[:, -1], -1)
+    for _ in range(length):
+        out.append(token)
+        carry, logits = model.apply({"params": params}, carry, token[:, None])
+        token = jnp.argmax(logits[:, -1], -1)
+    return np.stack(out, 1)
+
+
+def test_same_seed_gives_the_same_text(model_and_params):
+    model, params = model_and_params
+    a = sample_text(model, params, VOCAB, "abc", length=40, temperature=1.0, seed=3)
+    b = sample_text(model, params, VOCAB, "abc", length=40, temperature=1.0, seed=3)
+    c = sample_text(model, params, VOCAB, "abc", length=40, temperature=1.0, seed=4)
+    assert a == b and a != c
+
+
+def test_zero_temperature_tiny_temperature_and_top_1_all_equal_greedy_argmax(model_and_params):
+    model, params = model_and_params
+    prompt = jnp.asarray(np.tile(VOCAB.encode("a.b c"), (3, 1)))
+    expected = _greedy_by_hand(model, params, prompt, 25)
+    key = jax.random.key(0)
+    for temperature, top_k in [(0.0, 0), (1e-4, 0), (1.0, 1)]:
+        got = generate(model, params, prompt, key, temperature, length=25, top_k=top_k)
+        np.testing.assert_array_equal(got, expected)
+    sampled = generate(model, params, prompt, key, 1.0, length=25)
+    assert not np.array_equal(sampled, expected)
+
+
+def test_next_token_on_fake_logits():
+    logits = jnp.log(jnp.asarray([[0.1, 0.6, 0.3]] * 2000))
+    key = jax.random.key(0)
+    assert set(np.asarray(_next_token(logits, key, jnp.float32(0.0), 0))) == {1}
+    top2 = np.asarray(_next_token(logits, key, jnp.float32(1.0), 2))
+    assert set(top2) == {1, 2}  # Never the least likely character.
+    frequencies = np.bincount(np.asarray(_next_token(logits, key, jnp.float32(1.0), 0)), None, 3)
+    np.testing.assert_allclose(frequencies / 2000, [0.1, 0.6, 0.3], atol=0.04)
+
+
+def test_only_vocabulary_characters_come_out_for_a_batch(model_and_params):
+    model, params = model_and_params
+    texts = sample_text(
+        model, params, VOCAB, "a", length=200, temperature=1.5, num_samples=4, seed=1
+    )
+    assert len(texts) == 4 and len(set(texts)) == 4
+    assert all(len(t) == 200 and set(t) <= set(VOCAB.chars) for t in texts)
+
+
+def test_prompt_with_unknown_characters_is_an_error_or_skipped():
+    with pytest.raises(UserError, match=r"'X', 'é'.*--unknown=skip"):
+        encode_prompt(VOCAB, "aXbéX", "error")
+    np.testing.assert_array_equal(encode_prompt(VOCAB, "aXbé", "skip"), VOCAB.encode("ab"))
+
+
+@pytest.mark.parametrize(
+    "length, temperature, top_k, message",
+    [(0, 1.0, 0, "--length"), (5, -1.0, 0, "--temperature"), (5, 1.0, 13, "--top_k")],
+)
+def test_impossible_sampling_arguments_are_refused(length, temperature, top_k, message):
+    with pytest.raises(UsageError, match=message):
+        check_sampling_args(length, temperature, top_k, VOCAB.size)
