@@ -11,6 +11,7 @@ Kept: the latest `keep` steps plus the best by validation loss.
 from __future__ import annotations
 
 import os
+import time
 from pathlib import Path
 from typing import Any
 
@@ -77,6 +78,20 @@ class Checkpoints:
             f"--checkpoint={which} is not in {self.directory}; use latest, best or one of "
             f"the saved steps {steps}."
         )
+
+    def incomplete(self) -> list[Path]:
+        """Folders of saves that never finished (the process died while writing them)."""
+        if not self.directory.is_dir():
+            return []
+        return sorted(p for p in self.directory.iterdir() if ".orbax-checkpoint-tmp" in p.name)
+
+    def set_aside(self, step: int) -> Path:
+        """Move an unreadable step out of the way (renamed, not deleted) so training can go on."""
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        aside = self.directory.with_name(f"checkpoints.unreadable-{step}-{stamp}")
+        (self.directory / str(step)).rename(aside)
+        self._manager.reload()
+        return aside
 
     def read_meta(self, step: int) -> dict[str, Any]:
         restored = self._manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))

@@ -74,6 +74,9 @@ class Config:
         """Settings a resumed run must share with the run it continues (besides the vocabulary)."""
         return {
             **self.model_settings(),
+            # These two decide the optimizer state's structure.
+            "optimizer": self.optimizer,
+            "grad_clip_on": self.grad_clip > 0,
             "seq_len": self.seq_len,
             "global_batch": self.global_batch,
             "carry_state": self.carry_state,

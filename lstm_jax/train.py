@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import shutil
 import signal
 import threading
 import time
@@ -255,39 +256,25 @@ def train_and_evaluate(
     checkpoints = _open_checkpoints(config, workdir, log)
     settings = config.run_settings()
     start_step, best_val_loss, best_step, train_seconds = 0, math.inf, -1, 0.0
-    latest = checkpoints.latest_step()
-    if latest is not None:
-        meta = checkpoints.read_meta(latest)
-        differences = _settings_mismatch(meta["settings"], settings)
-        if meta["vocab"] != vocab.chars:
-            differences.append(
-                f"vocabulary of {len(meta['vocab'])} characters (saved) vs {vocab.size} (now)"
-            )
-        if differences:
-            raise UserError(
-                f"{workdir} holds a run with other settings: {'; '.join(differences)}. "
-                "Use a new --workdir, or --restart to set the old checkpoints aside."
-            )
-        host_carry = jax.tree.map(np.asarray, carry)
-        replicated = parallel.replicated_sharding(devices)
-        restored = checkpoints.restore(
-            latest,
-            {
-                "params": abstract_like(state.params, replicated),
-                "opt_state": abstract_like(state.opt_state, replicated),
-                "carry": abstract_like(host_carry),
-            },
-        )
+    host_carry = jax.tree.map(np.asarray, carry)
+    replicated = parallel.replicated_sharding(devices)
+    abstract = {
+        "params": abstract_like(state.params, replicated),
+        "opt_state": abstract_like(state.opt_state, replicated),
+        "carry": abstract_like(host_carry),
+    }
+    resumed = _restore_latest_usable(checkpoints, abstract, settings, vocab, log)
+    if resumed is not None:
+        start_step, restored, meta = resumed
         state = state.replace(
-            step=parallel.replicate(jnp.asarray(latest, jnp.int32), devices),
+            step=parallel.replicate(jnp.asarray(start_step, jnp.int32), devices),
             params=restored["params"],
             opt_state=restored["opt_state"],
         )
         carry = jax.tree.map(lambda c: np.asarray(c)[rows], restored["carry"])
-        start_step = latest
         best_val_loss, best_step = meta["best_val_loss"], meta["best_step"]
         train_seconds = meta["train_seconds"]
-        log(f"Resuming from step {latest} in {checkpoints.directory}.")
+        log(f"Resuming from step {start_step} in {checkpoints.directory}.")
 
     # --- Steps ---
     p_train_step = parallel.train_step(devices)
@@ -446,6 +433,67 @@ def train_and_evaluate(
         train_losses=train_losses,
         vocab=vocab,
         stopped_early=stopped_by is not None,
+    )
+
+
+def _restore_latest_usable(
+    checkpoints: Checkpoints, abstract: dict[str, Any], settings: dict[str, Any], vocab: Vocab, log
+) -> tuple[int, dict[str, Any], dict[str, Any]] | None:
+    """The newest checkpoint that reads back whole, after checking it is this run's model.
+
+    Unfinished saves are removed with a warning; a checkpoint that fails to read (truncated or
+    missing files) is set aside with a warning and the next older one is tried.
+    """
+    for folder in checkpoints.incomplete():
+        logging.warning(
+            "Removing the unfinished save %s (the process died while writing it).", folder
+        )
+        if jax.process_index() == 0:
+            shutil.rmtree(folder, ignore_errors=True)
+    steps = sorted(checkpoints.steps(), reverse=True)
+    for step in steps:
+        try:
+            meta = checkpoints.read_meta(step)
+        except Exception as e:  # noqa: BLE001 - any failure to read means: not usable.
+            _skip_unreadable(checkpoints, step, e)
+            continue
+        differences = _settings_mismatch(meta["settings"], settings)
+        if meta["vocab"] != vocab.chars:
+            differences.append(
+                f"vocabulary of {len(meta['vocab'])} characters (saved) vs {vocab.size} (now)"
+            )
+        if differences:
+            raise UserError(
+                f"{checkpoints.directory.parent} holds a run with other settings: "
+                f"{'; '.join(differences)}. Use a new --workdir, or --restart to set the old "
+                "checkpoints aside."
+            )
+        try:
+            return step, checkpoints.restore(step, abstract), meta
+        except Exception as e:  # noqa: BLE001
+            if "structures do not match" in str(e):  # Not damage: another model's tree.
+                raise UserError(
+                    f"Checkpoint {checkpoints.directory}/{step} holds parameters or optimizer "
+                    "state of another shape; use a new --workdir, or --restart to set it aside."
+                ) from None
+            _skip_unreadable(checkpoints, step, e)
+    if steps:
+        raise UserError(
+            f"No checkpoint in {checkpoints.directory} could be read (steps {steps} were set "
+            "aside); pass --restart to train from scratch."
+        )
+    return None
+
+
+def _skip_unreadable(checkpoints: Checkpoints, step: int, error: Exception) -> None:
+    reason = f"{type(error).__name__}: {str(error).splitlines()[0][:200] if str(error) else ''}"
+    aside = checkpoints.set_aside(step) if jax.process_index() == 0 else None
+    logging.warning(
+        "Checkpoint %s/%d is unreadable (%s); moved it to %s and trying an older one.",
+        checkpoints.directory,
+        step,
+        reason,
+        aside,
     )
 
 

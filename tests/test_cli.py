@@ -1,25 +1,9 @@
 """The command line, end to end in real subprocesses: train, resume, sample, and bad input."""
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
-
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def _run(*args, timeout=300):
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}  # One CPU device, like users.
-    return subprocess.run(
-        [sys.executable, "-m", *args],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
+from subprocesses import run_module as _run
 
 
 @pytest.fixture(scope="module")

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import collections
-import gc
 import http.server
+import os
 import socket
 import threading
-import warnings
+import typing
 from pathlib import Path
 
 import numpy as np
@@ -397,18 +397,31 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         self.wfile.write(body)
 
 
+class Server(typing.NamedTuple):
+    url: str
+    requests: collections.Counter  # Requests per path.
+    hung_up: threading.Semaphore  # Released each time the server has closed a connection.
+
+
 @pytest.fixture
 def server():
-    """A real HTTP server on 127.0.0.1; yields (base_url, per-path request counter)."""
+    """A real HTTP server on 127.0.0.1, shut down after the test."""
     requests = collections.Counter()
-    handler = type("Handler", (_Handler,), {"requests": requests})
-    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    httpd.daemon_threads = True
+    hung_up = threading.Semaphore(0)
+
+    class HTTPServer(http.server.ThreadingHTTPServer):
+        daemon_threads = True
+
+        def shutdown_request(self, request):
+            super().shutdown_request(request)
+            hung_up.release()
+
+    httpd = HTTPServer(("127.0.0.1", 0), type("Handler", (_Handler,), {"requests": requests}))
     thread = threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.05})
     thread.daemon = True
     thread.start()
     try:
-        yield f"http://127.0.0.1:{httpd.server_address[1]}", requests
+        yield Server(f"http://127.0.0.1:{httpd.server_address[1]}", requests, hung_up)
     finally:
         httpd.shutdown()
         httpd.server_close()
@@ -416,7 +429,7 @@ def server():
 
 
 def test_download_writes_the_served_book_to_the_cache(server, tmp_path):
-    base, requests = server
+    base, requests = server.url, server.requests
     path = download(f"{base}/book.txt", tmp_path / "cache", timeout=5)
     assert path == tmp_path / "cache" / "book.txt"
     assert path.read_bytes() == BOOK
@@ -425,7 +438,7 @@ def test_download_writes_the_served_book_to_the_cache(server, tmp_path):
 
 
 def test_download_reuses_the_cached_copy_without_a_request(server, tmp_path):
-    base, requests = server
+    base, requests = server.url, server.requests
     first = download(f"{base}/book.txt", tmp_path, timeout=5)
     second = download(f"{base}/book.txt", tmp_path, timeout=5)
     assert first == second
@@ -433,23 +446,34 @@ def test_download_reuses_the_cached_copy_without_a_request(server, tmp_path):
     assert requests["/book.txt"] == 1
 
 
+def _open_sockets() -> int:
+    """How many sockets this process has open (Linux; 0 elsewhere)."""
+    if not os.path.isdir("/proc/self/fd"):
+        return 0
+    count = 0
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            count += os.readlink(f"/proc/self/fd/{fd}").startswith("socket:")
+        except OSError:  # Closed meanwhile (e.g. the listdir handle itself).
+            pass
+    return count
+
+
 def test_download_of_a_missing_page_is_a_user_error(server, tmp_path):
-    base, requests = server
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always", ResourceWarning)
-        with pytest.raises(UserError, match="--data_path") as info:
-            download(f"{base}/missing.txt", tmp_path / "cache", timeout=5)
-        assert "404" in str(info.value)
-        del info
-        gc.collect()
-    assert not [w for w in caught if issubclass(w.category, ResourceWarning)]  # Reply closed.
+    base, requests = server.url, server.requests
+    open_before = _open_sockets()
+    with pytest.raises(UserError, match="--data_path") as info:
+        download(f"{base}/missing.txt", tmp_path / "cache", timeout=5)
+    assert "404" in str(info.value)
     assert requests["/missing.txt"] == 1
+    assert server.hung_up.acquire(timeout=5)  # The server's end of the connection is closed,
+    assert _open_sockets() <= open_before  # and so is ours: no socket leaks.
     assert list((tmp_path / "cache").iterdir()) == []
 
 
 @pytest.mark.parametrize("path", ["/cut.txt", "/cut-chunked.txt", "/cut-unsized.txt"])
 def test_a_download_cut_off_mid_body_leaves_no_file(server, tmp_path, path):
-    base, requests = server
+    base, requests = server.url, server.requests
     cache = tmp_path / "cache"
     with pytest.raises(UserError, match="--data_path"):
         download(f"{base}{path}", cache, timeout=5)
@@ -458,7 +482,7 @@ def test_a_download_cut_off_mid_body_leaves_no_file(server, tmp_path, path):
 
 
 def test_download_refuses_a_reply_that_is_not_a_gutenberg_text(server, tmp_path):
-    base, requests = server
+    base, requests = server.url, server.requests
     with pytest.raises(UserError, match="Project Gutenberg"):
         download(f"{base}/page.html", tmp_path, timeout=5)
     assert list(tmp_path.iterdir()) == []
@@ -484,7 +508,7 @@ def test_download_with_nothing_listening_is_a_user_error(tmp_path):
 
 
 def test_load_corpus_downloads_when_no_path_is_given(server, tmp_path):
-    base, requests = server
+    base, requests = server.url, server.requests
     config = Config(data_url=f"{base}/book.txt", data_dir=str(tmp_path / "cache"))
     body, note = load_corpus(config)
     assert body == BODY
