@@ -48,6 +48,8 @@ PEERS = ("pytorch",)
 NUM_HOST_BATCHES = 4  # Distinct random batches, cycled (the peer uses as many).
 MATMUL_RUNS = 5
 GENERATE_BATCHES = (1, 64)
+LEARNING_RATE = 2e-3  # The training default, and the peer's.
+GRAD_CLIP = 5.0
 
 # --- Flags (this command's own; lstm_jax.cli's would clash) ---
 _HIDDEN = flags.DEFINE_integer("hidden", 512, "LSTM units per layer. Default 512.")
@@ -196,10 +198,13 @@ def load_peer(name: str) -> ModuleType:
     """The peer's module, loaded from experiments/peers by path; `UsageError` if it cannot run."""
     if name != "pytorch":
         raise UsageError(f"Unknown peer {name!r}; known: {', '.join(PEERS)}.")
-    if importlib.util.find_spec("torch") is None:
+    try:
+        import torch  # noqa: F401
+    except ImportError as e:
         raise UsageError(
-            "--compare=pytorch needs PyTorch, which is not installed: pip install -e '.[peers]'"
-        )
+            f"--compare=pytorch needs PyTorch, which does not import ({e}): "
+            "pip install -e '.[peers]'"
+        ) from None
     if not PEER_PATH.is_file():
         raise UserError(f"--compare=pytorch needs {PEER_PATH}, from a checkout of the repository.")
     spec = importlib.util.spec_from_file_location("lstm_jax_peer_pytorch", PEER_PATH)
@@ -236,9 +241,12 @@ def measure_training(
         num_layers=options.num_layers,
         seq_len=options.seq_len,
         global_batch=options.batch,
-        optimizer="adam",  # The peer's optimizer; the same as the default adamw at weight_decay 0.
-        learning_rate=2e-3,
-        grad_clip=5.0,
+        # Pinned, not the training defaults, so the step matches the peer's: no dropout, Adam.
+        dropout=0.0,
+        optimizer="adam",
+        weight_decay=0.0,
+        learning_rate=LEARNING_RATE,
+        grad_clip=GRAD_CLIP,
     )
     total_steps = 1 + options.warmup_steps + options.windows * options.steps_per_window
     model = build_model(config, options.vocab_size)
@@ -448,6 +456,10 @@ def run_benchmark(
             "windows": options.windows,
             "steps_per_window": options.steps_per_window,
             "generate_length": options.generate_length,
+            "optimizer": "adam",
+            "learning_rate": LEARNING_RATE,
+            "grad_clip": GRAD_CLIP,
+            "dropout": 0.0,
         },
         "train": training,
         "matmul": matmul,

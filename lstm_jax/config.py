@@ -35,23 +35,23 @@ class Config:
     embed_dim: int = 64
     hidden: int = 512
     num_layers: int = 2
-    dropout: float = 0.0
+    dropout: float = 0.2
 
     # Optimisation.
     optimizer: str = "adamw"
     learning_rate: float = 2e-3
-    weight_decay: float = 0.0
+    weight_decay: float = 0.01
     warmup_steps: int = 100
     schedule: str = "cosine"
     grad_clip: float = 5.0
     num_steps: int = 0  # 0: use num_epochs.
-    num_epochs: float = 1.0
+    num_epochs: float = 12.0
 
     # Loop and outputs.
     workdir: str = "runs/default"
     log_every: int = 50
-    eval_every: int = 500
-    checkpoint_every: int = 500
+    eval_every: int = 200
+    checkpoint_every: int = 200
     keep_checkpoints: int = 2
     sample_every: int = 0  # 0: only at the end.
     sample_length: int = 300
