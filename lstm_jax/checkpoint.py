@@ -5,6 +5,10 @@ batches, as [global_batch, hidden] arrays so it does not depend on the device co
 a JSON document with the vocabulary, the run settings, the validation loss and the loop's
 bookkeeping. The sampler restores only `params` and `meta`. Nothing is unpickled.
 
+A workdir may be local or on `gs://` (Orbax writes arrays there through tensorstore; folders
+go through `etils.epath`, which needs `gcsfs`). In a multi-process job every process calls
+`save`/`restore` with global arrays, and Orbax decides which process writes what.
+
 Kept: the latest `keep` steps plus the best by validation loss.
 """
 
@@ -17,6 +21,7 @@ from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
+from etils import epath
 from orbax.checkpoint import checkpoint_managers as policies
 
 from lstm_jax.errors import UserError
@@ -24,8 +29,15 @@ from lstm_jax.errors import UserError
 ITEMS = ("params", "opt_state", "carry", "meta")
 
 
-def checkpoint_dir(workdir: str | os.PathLike) -> Path:
-    return Path(workdir).expanduser().absolute() / "checkpoints"
+def workdir_path(workdir: str | os.PathLike) -> epath.Path:
+    """The run folder as a path that also works for `gs://...` (epath, as Orbax uses)."""
+    if "://" in str(workdir):
+        return epath.Path(workdir)
+    return epath.Path(Path(workdir).expanduser().absolute())
+
+
+def checkpoint_dir(workdir: str | os.PathLike) -> epath.Path:
+    return workdir_path(workdir) / "checkpoints"
 
 
 class Checkpoints:
@@ -79,13 +91,13 @@ class Checkpoints:
             f"the saved steps {steps}."
         )
 
-    def incomplete(self) -> list[Path]:
+    def incomplete(self) -> list[epath.Path]:
         """Folders of saves that never finished (the process died while writing them)."""
         if not self.directory.is_dir():
             return []
         return sorted(p for p in self.directory.iterdir() if ".orbax-checkpoint-tmp" in p.name)
 
-    def set_aside(self, step: int) -> Path:
+    def set_aside(self, step: int) -> epath.Path:
         """Move an unreadable step out of the way (renamed, not deleted) so training can go on."""
         stamp = time.strftime("%Y%m%d-%H%M%S")
         aside = self.directory.with_name(f"checkpoints.unreadable-{step}-{stamp}")

@@ -14,7 +14,8 @@ from typing import Any
 
 from absl import app, flags, logging
 
-from lstm_jax.config import Config
+from lstm_jax.cells import CELLS
+from lstm_jax.config import DROPOUT_PLACES, Config
 from lstm_jax.errors import UsageError, UserError
 
 _D = Config()  # Defaults come from the dataclass, so they are written down once.
@@ -51,11 +52,39 @@ CARRY_STATE = flags.DEFINE_bool(
 SEED = flags.DEFINE_integer("seed", _D.seed, "Seed for initialisation, batches and dropout.")
 
 # --- Model ---
-EMBED_DIM = flags.DEFINE_integer("embed_dim", _D.embed_dim, "Character embedding size.")
-HIDDEN = flags.DEFINE_integer("hidden", _D.hidden, "LSTM units per layer.")
-NUM_LAYERS = flags.DEFINE_integer("num_layers", _D.num_layers, "Number of stacked LSTM layers.")
+CELL = flags.DEFINE_string(
+    "cell",
+    _D.cell,
+    f"Recurrent cell of every layer: one of {', '.join(CELLS)} (lstm_jax/cells/). "
+    "Default lstm (nn.OptimizedLSTMCell).",
+)
+EMBED_DIM = flags.DEFINE_integer(
+    "embed_dim", _D.embed_dim, "Character embedding size; 0: one-hot characters, no embedding."
+)
+HIDDEN = flags.DEFINE_integer("hidden", _D.hidden, "Units (cell width) per layer.")
+NUM_LAYERS = flags.DEFINE_integer("num_layers", _D.num_layers, "Number of stacked layers.")
+RESIDUAL = flags.DEFINE_bool(
+    "residual",
+    _D.residual,
+    "Residual connections: add each layer's input to its output, from the second layer on.",
+)
+LAYER_NORM = flags.DEFINE_bool(
+    "layer_norm", _D.layer_norm, "Layer normalisation of every layer's output (over features)."
+)
+TIE_EMBEDDINGS = flags.DEFINE_bool(
+    "tie_embeddings",
+    _D.tie_embeddings,
+    "Output layer = the embedding table transposed, plus a bias; needs --embed_dim == --hidden.",
+)
+DROPOUT_AT = flags.DEFINE_enum(
+    "dropout_at",
+    _D.dropout_at,
+    list(DROPOUT_PLACES),
+    "Where --dropout applies. between: between stacked layers and before the output layer "
+    "(default); output: before the output layer only.",
+)
 DROPOUT = flags.DEFINE_float(
-    "dropout", _D.dropout, "Dropout rate between LSTM layers and before the output layer, [0, 1)."
+    "dropout", _D.dropout, "Dropout rate, [0, 1); where it applies: --dropout_at."
 )
 
 # --- Optimisation ---
@@ -110,6 +139,26 @@ RESTART = flags.DEFINE_bool(
     "Set aside the checkpoints in --workdir (renamed, not deleted) and start from scratch.",
 )
 
+# --- Multi-host: every host runs the same command (see lstm_jax/distributed.py) ---
+DISTRIBUTED = flags.DEFINE_enum(
+    "distributed",
+    "auto",
+    ["auto", "on", "off"],
+    "Join a multi-process job with jax.distributed. auto: with --coordinator_address, or on a "
+    "Cloud TPU VM (detected); on: always (JAX detects Cloud TPU, Slurm, Open MPI); off: never.",
+)
+COORDINATOR_ADDRESS = flags.DEFINE_string(
+    "coordinator_address",
+    "",
+    "HOST:PORT of process 0, for clusters JAX does not detect (and tests). Empty: detect.",
+)
+NUM_PROCESSES = flags.DEFINE_integer(
+    "num_processes", 0, "Processes in the job, with --coordinator_address. 0: detect."
+)
+PROCESS_ID = flags.DEFINE_integer(
+    "process_id", -1, "This process's index in [0, --num_processes). -1: detect."
+)
+
 # --- Sampling (main's samples, and python -m lstm_jax.sample) ---
 PROMPT = flags.DEFINE_string(
     "prompt",
@@ -147,10 +196,15 @@ def config_from_flags() -> Config:
         global_batch=GLOBAL_BATCH.value,
         carry_state=CARRY_STATE.value,
         seed=SEED.value,
+        cell=CELL.value,
         embed_dim=EMBED_DIM.value,
         hidden=HIDDEN.value,
         num_layers=NUM_LAYERS.value,
         dropout=DROPOUT.value,
+        dropout_at=DROPOUT_AT.value,
+        residual=RESIDUAL.value,
+        layer_norm=LAYER_NORM.value,
+        tie_embeddings=TIE_EMBEDDINGS.value,
         optimizer=OPTIMIZER.value,
         learning_rate=LEARNING_RATE.value,
         weight_decay=WEIGHT_DECAY.value,
@@ -187,16 +241,31 @@ def sample_options() -> dict[str, Any]:
     }
 
 
+def distributed_options() -> dict[str, Any]:
+    """What `lstm_jax.distributed.initialize` takes: where this process is, not what it trains."""
+    return {
+        "mode": DISTRIBUTED.value,
+        "coordinator_address": COORDINATOR_ADDRESS.value,
+        "num_processes": NUM_PROCESSES.value,
+        "process_id": PROCESS_ID.value,
+    }
+
+
 def flagfile_text() -> str:
-    """The flags that differ from their defaults, as a flagfile that reproduces the run."""
+    """Every flag's value, as a flagfile that reproduces the run even if a default changes.
+
+    Left out: the multi-host flags, which differ per process and per cluster, not per run.
+    """
     lines = []
     for holder in _ALL_FLAGS:
-        if holder.present or holder.value != holder.default:
-            lines.append(flags.FLAGS[holder.name].serialize())
+        if holder.name in _LAUNCH_FLAG_NAMES:
+            continue
+        lines.append(flags.FLAGS[holder.name].serialize())
     return "\n".join(lines) + "\n"
 
 
 _ALL_FLAGS = [value for value in list(globals().values()) if isinstance(value, flags.FlagHolder)]
+_LAUNCH_FLAG_NAMES = {f.name for f in (DISTRIBUTED, COORDINATOR_ADDRESS, NUM_PROCESSES, PROCESS_ID)}
 
 
 def refuse_positional_arguments(argv: list[str]) -> None:

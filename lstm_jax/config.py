@@ -13,6 +13,15 @@ from lstm_jax.errors import UsageError
 
 SCHEDULES = ("constant", "cosine")
 OPTIMIZERS = ("adam", "adamw")
+DROPOUT_PLACES = ("between", "output")
+
+# Model settings added after the first checkpoints were written, with the value those runs had.
+_ADDED_MODEL_SETTINGS = {
+    "cell": "lstm",
+    "residual": False,
+    "layer_norm": False,
+    "tie_embeddings": False,
+}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -32,10 +41,15 @@ class Config:
     seed: int = 0
 
     # Model.
-    embed_dim: int = 64
+    cell: str = "lstm"  # A key of lstm_jax.cells.CELLS.
+    embed_dim: int = 64  # 0: one-hot characters, no embedding table.
     hidden: int = 512
     num_layers: int = 2
     dropout: float = 0.2
+    dropout_at: str = "between"  # Between layers and before the output layer, or "output" only.
+    residual: bool = False  # Skip connections around every layer after the first.
+    layer_norm: bool = False  # LayerNorm on every layer's output.
+    tie_embeddings: bool = False  # The output layer reuses the embedding table.
 
     # Optimisation.
     optimizer: str = "adamw"
@@ -63,11 +77,15 @@ class Config:
         return dataclasses.replace(self, **changes)
 
     def model_settings(self) -> dict[str, Any]:
-        """Settings that fix the parameter shapes: a checkpoint only fits a model with these."""
+        """Settings that fix the parameters' shapes and meaning: a checkpoint fits only these."""
         return {
             "embed_dim": self.embed_dim,
             "hidden": self.hidden,
             "num_layers": self.num_layers,
+            "cell": self.cell,
+            "residual": self.residual,
+            "layer_norm": self.layer_norm,
+            "tie_embeddings": self.tie_embeddings,
         }
 
     def run_settings(self) -> dict[str, Any]:
@@ -90,7 +108,6 @@ class Config:
         positive = {
             "seq_len": self.seq_len,
             "global_batch": self.global_batch,
-            "embed_dim": self.embed_dim,
             "hidden": self.hidden,
             "num_layers": self.num_layers,
             "log_every": self.log_every,
@@ -103,6 +120,7 @@ class Config:
             if not value > 0:
                 raise UsageError(f"--{name} must be positive, got {value}.")
         non_negative = {
+            "embed_dim": self.embed_dim,
             "num_steps": self.num_steps,
             "warmup_steps": self.warmup_steps,
             "sample_every": self.sample_every,
@@ -130,8 +148,31 @@ class Config:
             )
         if self.weight_decay > 0 and self.optimizer != "adamw":
             raise UsageError("--weight_decay needs --optimizer=adamw.")
+        from lstm_jax.cells import CELLS  # Here, not at the top: config stays free of Flax.
+
+        if self.cell not in CELLS:
+            raise UsageError(f"--cell must be one of {', '.join(CELLS)}, got {self.cell!r}.")
+        if self.dropout_at not in DROPOUT_PLACES:
+            raise UsageError(
+                f"--dropout_at must be one of {', '.join(DROPOUT_PLACES)}, got {self.dropout_at!r}."
+            )
+        if self.tie_embeddings and self.embed_dim != self.hidden:
+            raise UsageError(
+                "--tie_embeddings needs --embed_dim equal to --hidden (the output layer reuses "
+                f"the embedding table), got --embed_dim={self.embed_dim} and "
+                f"--hidden={self.hidden}."
+            )
         if device_count is not None and self.global_batch % device_count:
             raise UsageError(
                 f"--global_batch={self.global_batch} does not divide over {device_count} devices; "
                 f"use a multiple of {device_count}."
             )
+
+
+def complete_settings(saved: dict[str, Any]) -> dict[str, Any]:
+    """Saved model or run settings, with the model settings added since filled in as they were.
+
+    Checkpoints written before `--cell` and the ablation flags existed lack those keys; they were
+    LSTMs without the ablations, so they resume and sample as such.
+    """
+    return {**_ADDED_MODEL_SETTINGS, **saved}

@@ -3,17 +3,18 @@
     python -m lstm_jax.main --hidden=512
     python -m lstm_jax.main --flagfile=experiments/smoke.flags --workdir=/tmp/smoke
 
+On a TPU pod every host runs the same command (launch/tpu.sh); `launch/local.sh 2 ...` runs
+it as 2 processes on one machine.
+
 Intentionally short: the logic lives in `lstm_jax.train`, which tests call with a `Config`.
 """
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import jax
 from absl import logging
 
-from lstm_jax import cli, train
+from lstm_jax import checkpoint, cli, distributed, train
 
 
 def main(argv: list[str]) -> None:
@@ -22,15 +23,20 @@ def main(argv: list[str]) -> None:
         cli.refuse_positional_arguments(argv)
         config = cli.config_from_flags()
         config.validate()
+        # Before anything touches a device: JAX refuses to join a job after that.
+        distributed.initialize(**cli.distributed_options())
+        if jax.process_index() != 0:
+            logging.set_verbosity(logging.WARNING)  # One voice per job; warnings from all.
         logging.info(
-            "JAX %s: process %d of %d, %d local device(s): %s",
+            "JAX %s: process %d of %d, %d local device(s), %d in all: %s",
             jax.__version__,
             jax.process_index(),
             jax.process_count(),
             jax.local_device_count(),
+            jax.device_count(),
             jax.local_devices()[0].device_kind,
         )
-        workdir = Path(config.workdir).expanduser()
+        workdir = checkpoint.workdir_path(config.workdir)  # Local or gs://.
         if jax.process_index() == 0:
             workdir.mkdir(parents=True, exist_ok=True)
             (workdir / "flags.txt").write_text(cli.flagfile_text())

@@ -4,18 +4,19 @@ The step functions know nothing about devices: a step that runs data parallel ta
 and averages gradients and sums metrics over it; `lstm_jax.parallel` decides how it is mapped.
 `train_and_evaluate(config)` owns the loop: data, resume, steps, validation, checkpoints,
 progress, samples, and stopping cleanly on SIGTERM/SIGINT.
+
+In a multi-process job (`lstm_jax.distributed`) every process runs this same loop on its own
+rows of every batch; process 0 alone logs, samples and writes metrics, and all of them save.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
-import shutil
 import signal
 import threading
 import time
 from collections.abc import Callable, Sequence
-from pathlib import Path
 from typing import Any
 
 import jax
@@ -23,10 +24,13 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from absl import logging
+from etils import epath
 from flax.training import train_state
+from jax.experimental import multihost_utils
 
-from lstm_jax.checkpoint import Checkpoints, abstract_like, checkpoint_dir
-from lstm_jax.config import Config
+from lstm_jax import distributed
+from lstm_jax.checkpoint import Checkpoints, abstract_like, checkpoint_dir, workdir_path
+from lstm_jax.config import Config, complete_settings
 from lstm_jax.data import Batcher, Vocab, eval_streams, load_corpus, split
 from lstm_jax.errors import UsageError, UserError
 from lstm_jax.metrics import MetricsFile
@@ -165,14 +169,26 @@ class TrainResult:
 
 
 class _StopSignal:
-    """Turns SIGTERM/SIGINT into a request to stop after the step in flight (and save)."""
+    """Turns SIGTERM/SIGINT into a request to stop after the step in flight (and save).
+
+    A multi-process job must stop every process after the same step, or the next collective
+    hangs. There the signals are left to JAX's preemption notifier (installed by
+    `jax.distributed.initialize`; SIGTERM to any process) and `requested_at` asks it, every
+    step, whether all processes have agreed on this step as the one to stop after.
+    """
 
     def __init__(self):
         self.requested: str | None = None
         self._previous = {}
+        self._multiprocess = jax.process_count() > 1
+
+    def requested_at(self, step: int) -> str | None:
+        if self._multiprocess and multihost_utils.reached_preemption_sync_point(step):
+            self.requested = "a preemption notice (SIGTERM)"
+        return self.requested
 
     def __enter__(self):
-        if threading.current_thread() is threading.main_thread():
+        if not self._multiprocess and threading.current_thread() is threading.main_thread():
             for sig in (signal.SIGTERM, signal.SIGINT):
                 self._previous[sig] = signal.signal(sig, self._handle)
         return self
@@ -218,6 +234,10 @@ def train_and_evaluate(
     # --- Devices and data ---
     devices = list(devices or jax.local_devices())
     num_devices = len(devices)
+    if jax.process_count() > 1:
+        if devices != jax.local_devices():
+            raise UsageError("A multi-process job runs on all local devices of every process.")
+        log = log if jax.process_index() == 0 else _silent
     config.validate(num_devices * jax.process_count())
     text, data_note = load_corpus(config)
     vocab = Vocab.from_text(text)
@@ -252,28 +272,33 @@ def train_and_evaluate(
     )
 
     # --- Resume ---
-    workdir = Path(config.workdir).expanduser()
+    workdir = workdir_path(config.workdir)
     checkpoints = _open_checkpoints(config, workdir, log)
     settings = config.run_settings()
     start_step, best_val_loss, best_step, train_seconds = 0, math.inf, -1, 0.0
-    host_carry = jax.tree.map(np.asarray, carry)
-    replicated = parallel.replicated_sharding(devices)
+    earlier_wall_seconds = 0.0  # Of the runs this one resumes.
+    # Restore targets fit this run's devices, whatever the saving run had: the state is
+    # replicated over every device of the job, the carry is the whole global batch, on the host.
+    replicated = parallel.global_replicated_sharding(devices)
     abstract = {
         "params": abstract_like(state.params, replicated),
         "opt_state": abstract_like(state.opt_state, replicated),
-        "carry": abstract_like(host_carry),
+        "carry": jax.tree.map(
+            lambda c: np.zeros(c.shape, c.dtype), model.initialize_carry(config.global_batch)
+        ),
     }
     resumed = _restore_latest_usable(checkpoints, abstract, settings, vocab, log)
     if resumed is not None:
         start_step, restored, meta = resumed
         state = state.replace(
             step=parallel.replicate(jnp.asarray(start_step, jnp.int32), devices),
-            params=restored["params"],
-            opt_state=restored["opt_state"],
+            params=parallel.to_host_local(restored["params"], devices),
+            opt_state=parallel.to_host_local(restored["opt_state"], devices),
         )
         carry = jax.tree.map(lambda c: np.asarray(c)[rows], restored["carry"])
         best_val_loss, best_step = meta["best_val_loss"], meta["best_step"]
         train_seconds = meta["train_seconds"]
+        earlier_wall_seconds = meta.get("wall_seconds", train_seconds)
         log(f"Resuming from step {start_step} in {checkpoints.directory}.")
 
     # --- Steps ---
@@ -299,13 +324,25 @@ def train_and_evaluate(
         sums = jax.device_get(sums)
         return sum(float(s["loss_sum"]) for s in sums) / sum(float(s["count"]) for s in sums)
 
-    metrics_file = MetricsFile(workdir / "metrics.jsonl")
+    metrics_file = MetricsFile(workdir / "metrics.jsonl", tensorboard_dir=workdir)
     schedule = learning_rate_schedule(config, total_steps)
     pending: list[Metrics] = []
     train_losses: list[float] = []
     val_loss = math.nan
     chars_per_step = config.global_batch * config.seq_len
     stopped_by = None
+    # What `python -m lstm_jax.report` labels the run with; a resumed run drops later records.
+    metrics_file.write(
+        step=start_step,
+        cell=config.cell,
+        parameters=count_params(params),
+        chars_per_step=chars_per_step,
+    )
+    run_start = time.perf_counter()
+
+    def wall_seconds() -> float:
+        """Wall-clock time of the run so far, compiling and evaluating included, resumes summed."""
+        return earlier_wall_seconds + time.perf_counter() - run_start
 
     def flush_metrics(step: int) -> tuple[float, float]:
         """Fetch the metrics since the last flush (one host sync) and stop on a non-finite loss."""
@@ -333,18 +370,22 @@ def train_and_evaluate(
             "best_val_loss": best_val_loss,
             "best_step": best_step,
             "train_seconds": train_seconds,
+            "wall_seconds": wall_seconds(),
         }
-        host_carry = jax.tree.map(parallel.unshard, carry)
+        # Saved whole ([global_batch, ...]) so any device or process count can resume from it.
+        host_carry = parallel.gather_rows(jax.tree.map(parallel.unshard, carry))
         checkpoints.save(
             step,
-            params=state.params,
-            opt_state=state.opt_state,
+            params=parallel.to_global(state.params, devices),
+            opt_state=parallel.to_global(state.opt_state, devices),
             carry=host_carry,
             meta=meta,
             val_loss=val_loss,
         )
 
     def sample_for_log(params) -> str:
+        if jax.process_index() != 0:  # Sampling is local work; the other processes skip it.
+            return ""
         return _sample(model, params, vocab, val_ids, config, devices)
 
     # --- Loop ---
@@ -365,7 +406,7 @@ def train_and_evaluate(
                 log(f"First step (compilation included) took {compile_seconds:.1f} s.")
                 window_start = time.perf_counter()
             last = step == total_steps
-            stopped_by = stopped_by or stop.requested
+            stopped_by = stopped_by or stop.requested_at(step)
             if step % config.log_every == 0 or last or stopped_by:
                 loss, grad_norm = flush_metrics(step)
                 seconds = time.perf_counter() - window_start - window_excluded
@@ -379,6 +420,7 @@ def train_and_evaluate(
                 )
                 metrics_file.write(
                     step=step,
+                    wall_seconds=wall_seconds(),
                     train_seconds=train_seconds,
                     train_loss=loss,
                     train_bpc=bits_per_char(loss),
@@ -405,7 +447,13 @@ def train_and_evaluate(
                     f"({val_loss:.4f} nats/char); best {bits_per_char(best_val_loss):.4f} bpc "
                     f"at step {best_step}"
                 )
-                metrics_file.write(step=step, val_loss=val_loss, val_bpc=bits_per_char(val_loss))
+                metrics_file.write(
+                    step=step,
+                    wall_seconds=wall_seconds(),
+                    train_seconds=train_seconds,
+                    val_loss=val_loss,
+                    val_bpc=bits_per_char(val_loss),
+                )
                 if checkpoint_now:
                     save(step, val_loss)
             if sample_now:
@@ -424,6 +472,7 @@ def train_and_evaluate(
     else:
         log(f"{checkpoints.directory} already holds the final step {step}; nothing to train.")
     checkpoints.close()
+    metrics_file.close()
     return TrainResult(
         step=step,
         params=jax.device_get(state.params),
@@ -449,7 +498,7 @@ def _restore_latest_usable(
             "Removing the unfinished save %s (the process died while writing it).", folder
         )
         if jax.process_index() == 0:
-            shutil.rmtree(folder, ignore_errors=True)
+            folder.rmtree(missing_ok=True)
     steps = sorted(checkpoints.steps(), reverse=True)
     for step in steps:
         try:
@@ -457,7 +506,7 @@ def _restore_latest_usable(
         except Exception as e:  # noqa: BLE001 - any failure to read means: not usable.
             _skip_unreadable(checkpoints, step, e)
             continue
-        differences = _settings_mismatch(meta["settings"], settings)
+        differences = _settings_mismatch(complete_settings(meta["settings"]), settings)
         if meta["vocab"] != vocab.chars:
             differences.append(
                 f"vocabulary of {len(meta['vocab'])} characters (saved) vs {vocab.size} (now)"
@@ -497,14 +546,20 @@ def _skip_unreadable(checkpoints: Checkpoints, step: int, error: Exception) -> N
     )
 
 
-def _open_checkpoints(config: Config, workdir: Path, log) -> Checkpoints:
+def _open_checkpoints(config: Config, workdir: epath.Path, log) -> Checkpoints:
     if config.restart:
         directory = checkpoint_dir(workdir)
         if directory.exists() and jax.process_index() == 0:
             aside = directory.with_name(f"checkpoints.discarded-{time.strftime('%Y%m%d-%H%M%S')}")
             directory.rename(aside)
             log(f"--restart: moved the old checkpoints to {aside}.")
+        # No process may list the folder before process 0 has moved it.
+        distributed.barrier("lstm_jax.restart")
     return Checkpoints(workdir, keep=config.keep_checkpoints)
+
+
+def _silent(message: str) -> None:
+    """The log of processes other than 0: the job speaks once."""
 
 
 def _sample(model, params, vocab: Vocab, val_ids, config: Config, devices) -> str:

@@ -6,12 +6,18 @@ XLA_FLAGS must be set before JAX starts its backend, so it is set here, at impor
 from __future__ import annotations
 
 import os
+import tempfile
 import urllib.error
 from pathlib import Path
 
 os.environ["XLA_FLAGS"] = (
     os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
 ).strip()
+# One persistent compilation cache for the session, shared with the commands that tests start
+# in subprocesses: the same tiny models are compiled again and again otherwise.
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", tempfile.mkdtemp(prefix="lstm_jax_xla_cache_"))
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 
 import pytest  # noqa: E402
 
@@ -83,3 +89,15 @@ def tiny_config(small_text_path, tmp_path):
         checkpoint_every=1000,
         sample_length=20,
     )
+
+
+@pytest.fixture
+def fast_compile():
+    """XLA's optimisations mostly off, for tests of behaviour rather than speed: compiles in
+    about half the time on CPU."""
+    import jax
+
+    before = jax.config.read("jax_disable_most_optimizations")
+    jax.config.update("jax_disable_most_optimizations", True)
+    yield
+    jax.config.update("jax_disable_most_optimizations", before)

@@ -1,0 +1,31 @@
+"""Recurrent cells, and the registry that `--cell` picks from.
+
+Every cell implements one interface, `Cell` (see `lstm_jax.cells.base`): a Flax module with a
+`features` field and
+
+    init_carry(batch_size) -> carry      the zero state: a pytree of float32 [batch, ...] arrays
+    __call__(carry, x) -> (carry, y)     one time step: x [batch, in] -> y [batch, features]
+    scan(carry, xs) -> (carry, ys)       the whole sequence [batch, time, in], which the model
+                                         applies; by default __call__ under nn.scan
+
+`lstm_jax.models.CharLSTM` stacks `--num_layers` of the chosen cell, each `--hidden` wide and
+named `{cell}_{layer}`, and does everything else (embedding, dropout, residuals, layer norm,
+output layer). Training, the carried state, checkpoints and sampling only see the carry as a
+pytree, so a new cell works with all of them. To add one: write `lstm_jax/cells/mycell.py`
+with a `Cell` subclass and add one line to `CELLS` below (README, "Add a cell").
+"""
+
+from __future__ import annotations
+
+from lstm_jax.cells import gru, lstm, lstm_ln, minlstm, slstm
+from lstm_jax.cells.base import Carry, Cell
+
+CELLS: dict[str, type[Cell]] = {
+    "lstm": lstm.LSTM,
+    "gru": gru.GRU,
+    "lstm_ln": lstm_ln.LayerNormLSTM,
+    "slstm": slstm.SLSTM,
+    "minlstm": minlstm.MinLSTM,
+}
+
+__all__ = ["CELLS", "Carry", "Cell"]

@@ -1,0 +1,47 @@
+"""The interface every recurrent cell implements: `Cell`, with the default scan over time."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+
+Carry = Any  # A pytree of float32 [batch, ...] arrays: the state one layer carries over time.
+
+
+class Cell(nn.Module):
+    """A recurrent cell: its zero state, one time step, and the scan the model applies.
+
+    A subclass is a Flax module with a `features: int` field (the width of its output) that
+    implements two methods, and may override a third:
+
+    - `init_carry(batch_size) -> carry`: the state before the first character, a pytree of
+      float32 [batch_size, ...] arrays. Must be all zeros: training resets a carry with
+      `zeros_like` at the start of an epoch, and checkpoints and `lstm_jax.parallel` split and
+      join it along the leading (batch) axis. Decorate it with `nn.nowrap`, since the model
+      calls it on an unbound module.
+    - `__call__(carry, x) -> (carry, y)`: one time step, x [batch, in] -> y [batch, features].
+      Sampling advances one character at a time through `scan` on sequences of length 1.
+    - `scan(carry, xs) -> (carry, ys)`: the whole sequence, xs [batch, time, in] ->
+      ys [batch, time, features]. This is what the model calls. The default runs `__call__`
+      under `nn.scan`: parameters shared over time, a fresh dropout key at every step. A cell
+      with a parallel form over time (minLSTM) overrides it; it must equal stepping `__call__`.
+
+    `__call__` is not declared here, so that a subclass can take it from a Flax cell by
+    multiple inheritance (`class LSTM(Cell, nn.OptimizedLSTMCell)`).
+    """
+
+    @nn.nowrap
+    def init_carry(self, batch_size: int) -> Carry:
+        raise NotImplementedError(f"{type(self).__name__} must define init_carry(batch_size).")
+
+    def scan(self, carry: Carry, xs: jax.Array) -> tuple[Carry, jax.Array]:
+        step_over_time = nn.scan(
+            lambda cell, carry, x: cell(carry, x),
+            variable_broadcast="params",
+            split_rngs={"params": False, "dropout": True},
+            in_axes=1,
+            out_axes=1,
+        )
+        return step_over_time(self, carry, xs)

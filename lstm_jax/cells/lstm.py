@@ -1,0 +1,23 @@
+"""`lstm`: Flax's `nn.OptimizedLSTMCell`, the default cell.
+
+Parameters keep `nn.LSTMCell`'s names (`ii`, `if`, `ig`, `io` for the input kernels, `hi`, `hf`,
+`hg`, `ho` for the recurrent kernels and biases), so checkpoints move between the two cells and
+the ones written before the cell registry existed still load.
+"""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from lstm_jax.cells.base import Cell
+
+
+class LSTM(Cell, nn.OptimizedLSTMCell):
+    """Carry: (c, h), each [batch, features]."""
+
+    @nn.nowrap
+    def init_carry(self, batch_size: int) -> tuple[jax.Array, jax.Array]:
+        zeros = jnp.zeros((batch_size, self.features), jnp.float32)
+        return zeros, zeros

@@ -1,0 +1,103 @@
+"""Joining a multi-host job: the one place that calls `jax.distributed.initialize`.
+
+Every host of a TPU slice runs the same command; JAX's distributed runtime connects them, and
+from then on `jax.process_index()` / `jax.process_count()` say who is who. It must run before
+anything touches a device, so `lstm_jax.main` calls `initialize` first.
+
+Modes (`--distributed`):
+  auto  the default. With --coordinator_address, join that job. Otherwise join only on a Cloud
+        TPU VM (libtpu installed, or GKE's TPU variables set), letting JAX read the slice's
+        hosts from the VM metadata; anywhere else run as one process. Auto-detection is kept to
+        TPUs because on a laptop, a GPU box or inside a Slurm allocation a surprise attempt to
+        join a cluster either waits minutes for a coordinator or fails.
+  on    always join: explicit flags, or whatever JAX auto-detects (Cloud TPU, Slurm, Open MPI,
+        Kubernetes); failing to join is an error.
+  off   never join: one process on the local devices.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+
+import jax
+from absl import logging
+
+from lstm_jax.errors import UsageError, UserError
+
+MODES = ("auto", "on", "off")
+# GKE's TPU node pools set these; a Cloud TPU VM has libtpu (from `jax[tpu]`) instead.
+_TPU_ENV_VARS = ("TPU_WORKER_HOSTNAMES", "TPU_PROCESS_ADDRESSES")
+
+
+def on_cloud_tpu() -> bool:
+    """Whether this looks like a Cloud TPU host, without touching a device or the network."""
+    return importlib.util.find_spec("libtpu") is not None or any(
+        os.environ.get(name) for name in _TPU_ENV_VARS
+    )
+
+
+def initialize(
+    mode: str = "auto",
+    coordinator_address: str = "",
+    num_processes: int = 0,
+    process_id: int = -1,
+) -> bool:
+    """Join the multi-process job described by the flags; True if this process joined one.
+
+    `num_processes=0` and `process_id=-1` mean "not given" (JAX detects them on Cloud TPU).
+    """
+    if mode not in MODES:
+        raise UsageError(f"--distributed must be one of {', '.join(MODES)}, got {mode!r}.")
+    explicit = bool(coordinator_address) or num_processes > 0 or process_id >= 0
+    if mode == "off":
+        if explicit:
+            raise UsageError(
+                "--distributed=off contradicts --coordinator_address/--num_processes/"
+                "--process_id; drop one or the other."
+            )
+        return False
+    if explicit and not (coordinator_address and num_processes > 0 and process_id >= 0):
+        raise UsageError(
+            "Give all three of --coordinator_address=HOST:PORT, --num_processes and "
+            "--process_id (or none of them, on Cloud TPU, to let JAX detect them)."
+        )
+    if explicit and not 0 <= process_id < num_processes:
+        raise UsageError(
+            f"--process_id={process_id} must be in [0, {num_processes}) for "
+            f"--num_processes={num_processes}."
+        )
+    if mode == "auto" and not explicit and not on_cloud_tpu():
+        return False
+    try:
+        if explicit:
+            jax.distributed.initialize(coordinator_address, num_processes, process_id)
+        else:
+            jax.distributed.initialize()
+    except ValueError as e:
+        if mode == "auto":  # A TPU VM that JAX does not see as part of a slice: run alone.
+            logging.warning("Running as a single process: JAX found no TPU slice to join (%s).", e)
+            return False
+        raise UserError(
+            f"Could not join a multi-process job ({e}); pass --coordinator_address, "
+            "--num_processes and --process_id, or --distributed=off."
+        ) from None
+    except RuntimeError as e:
+        raise UserError(
+            f"Could not join the multi-process job at {coordinator_address or 'auto'}: "
+            f"{str(e).splitlines()[0][:300]}. Are all processes started, with the same "
+            "--coordinator_address and distinct --process_id values?"
+        ) from None
+    return True
+
+
+def is_multiprocess() -> bool:
+    return jax.process_count() > 1
+
+
+def barrier(name: str) -> None:
+    """Wait until every process gets here (no-op for one process)."""
+    if is_multiprocess():
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(name)

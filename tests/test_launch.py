@@ -1,0 +1,250 @@
+"""The launch scripts, without a TPU: their --dry-run commands, their help, and shellcheck.
+
+No Cloud TPU is reachable from tests, so the dry runs stand in for one: each gcloud command is
+checked for the flags it must carry, and, where the Cloud SDK is installed, every flag it uses
+is looked up in that command's own `gcloud ... --help`.
+"""
+
+import os
+import re
+import shlex
+import shutil
+import subprocess
+
+import pytest
+from subprocesses import ROOT
+
+LAUNCH = ROOT / "launch"
+SCRIPTS = sorted(LAUNCH.glob("*.sh"))
+SLICE = ["--name=dracula", "--zone=europe-west4-a", "--project=my-proj"]
+WORKDIR = "--workdir=gs://my-bucket/dracula"
+
+
+# Should a dry run ever reach gcloud, it must not reach a real project: no credentials, and the
+# TPU API at a closed local port.
+SAFE_ENV = {
+    "CLOUDSDK_AUTH_DISABLE_CREDENTIALS": "true",
+    "CLOUDSDK_API_ENDPOINT_OVERRIDES_TPU": "http://127.0.0.1:9/",
+    "CLOUDSDK_CORE_DISABLE_PROMPTS": "1",
+}
+
+
+def _script(*args: str, check: bool = True) -> subprocess.CompletedProcess:
+    result = subprocess.run(
+        ["bash", *args],
+        cwd=ROOT,
+        env={**os.environ, **SAFE_ENV},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    if check:
+        assert result.returncode == 0, result.stderr
+    return result
+
+
+def _tpu(*args: str) -> list[list[str]]:
+    """`launch/tpu.sh COMMAND --dry-run OPTIONS`, as the commands it prints (no comments)."""
+    command, *options = args
+    out = _script(str(LAUNCH / "tpu.sh"), command, "--dry-run", *options).stdout
+    return [shlex.split(line) for line in out.splitlines() if line and not line.startswith("#")]
+
+
+def _gcloud(commands: list[list[str]], *words: str) -> list[list[str]]:
+    return [c for c in commands if c[: len(words) + 1] == ["gcloud", *words]]
+
+
+def test_create_requests_a_queued_resource_with_the_options_given():
+    commands = _tpu(
+        "create",
+        *SLICE,
+        "--spot",
+        "--accelerator-type=v5litepod-16",
+        "--runtime-version=v2-alpha-tpuv5-lite",
+    )
+    (create,) = _gcloud(commands, "compute", "tpus", "queued-resources", "create")
+    assert create[5] == "dracula" and "--node-id=dracula" in create
+    for flag in (
+        "--zone=europe-west4-a",
+        "--project=my-proj",
+        "--spot",
+        "--accelerator-type=v5litepod-16",
+        "--runtime-version=v2-alpha-tpuv5-lite",
+    ):
+        assert flag in create
+    assert _gcloud(commands, "compute", "tpus", "queued-resources", "describe")  # waits for ACTIVE
+    (on_demand,) = _gcloud(_tpu("create"), "compute", "tpus", "queued-resources", "create")
+    assert "--spot" not in on_demand
+
+
+def test_setup_copies_the_checkout_and_installs_it_on_every_host():
+    commands = _tpu("setup", *SLICE)
+    (scp,) = _gcloud(commands, "compute", "tpus", "tpu-vm", "scp")
+    (ssh,) = _gcloud(commands, "compute", "tpus", "tpu-vm", "ssh")
+    assert "--worker=all" in scp and "--worker=all" in ssh
+    assert scp[5].endswith("lstm_jax.tar.gz") and scp[6] == "dracula:lstm_jax.tar.gz"
+    remote = _flag_value(ssh, "--command")
+    assert (
+        "python3.11 -m venv" in remote and 'pip install -q -e "$HOME/lstm_jax[tpu,gcs]"' in remote
+    )
+    pack = next(c for c in commands if c[0] == "git")
+    assert "ls-files" in pack and "tar" in pack
+
+
+def test_run_starts_the_same_training_command_on_every_host_with_the_gs_workdir():
+    commands = _tpu("run", *SLICE, WORKDIR, "--", "--hidden=512", "--prompt=Count Dracula")
+    (ssh,) = commands
+    assert ssh[:5] == ["gcloud", "compute", "tpus", "tpu-vm", "ssh"] and ssh[5] == "dracula"
+    assert "--worker=all" in ssh and "--zone=europe-west4-a" in ssh
+    remote = _flag_value(ssh, "--command")
+    main = remote[remote.index("lstm_jax_venv/bin/python -m lstm_jax.main") :].split(" &")[0]
+    assert shlex.split(main)[3:] == [
+        "--hidden=512",
+        "--prompt=Count Dracula",
+        "--workdir=gs://my-bucket/dracula",
+    ]
+    assert "tee -a $HOME/lstm_jax_train.log" in remote  # Streamed here and kept on the host.
+    detached = _flag_value(_tpu("run", *SLICE, WORKDIR, "--detach")[0], "--command")
+    assert "nohup" in detached and "tee" not in detached
+
+
+def test_logs_stop_status_and_delete():
+    (logs,) = _tpu("logs", *SLICE, "--worker=1")
+    assert "--worker=1" in logs and "tail -n 200 -F" in _flag_value(logs, "--command")
+    (stop,) = _tpu("stop", *SLICE)
+    assert "--worker=all" in stop and "kill -TERM" in _flag_value(stop, "--command")
+    (status,) = _tpu("status", *SLICE)
+    assert status[:6] == ["gcloud", "compute", "tpus", "queued-resources", "describe", "dracula"]
+    (delete,) = _tpu("delete", *SLICE)
+    assert delete[:6] == ["gcloud", "compute", "tpus", "queued-resources", "delete", "dracula"]
+    assert "--force" in delete and "--quiet" in delete
+
+
+def test_supervise_shows_the_whole_recovery_cycle():
+    out = _script(str(LAUNCH / "tpu.sh"), "supervise", "--dry-run", *SLICE, "--spot", WORKDIR)
+    text = out.stdout
+    order = [
+        "queued-resources describe",
+        "queued-resources delete",
+        "queued-resources create",
+        "tpu-vm scp",
+        "tpu-vm ssh",
+        "-m lstm_jax.main",
+    ]
+    positions = [text.index(phrase) for phrase in order]
+    assert positions == sorted(positions), text
+    assert "--spot" in text and "gs://my-bucket/dracula" in text
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["run", "--workdir=/tmp/local"], "gs://"),
+        (["run"], "gs://"),
+        (["supervise", WORKDIR, "--", "--restart"], "--restart"),
+        (["run", WORKDIR, "--", "--workdir=gs://other/x"], "tpu.sh --workdir"),
+        (["create", "--hidden=512"], "training flags go after --"),
+        (["launch"], "unknown command"),
+        (["run", WORKDIR, "--", "--dry-run"], "--dry-run goes before --"),
+        (["create", "--name=Bad_Name"], "--name"),
+    ],
+)
+def test_tpu_sh_refuses_what_would_go_wrong_on_the_pod(args, message):
+    command, *options = args
+    result = _script(str(LAUNCH / "tpu.sh"), command, "--dry-run", *options, check=False)
+    assert result.returncode == 2 and message in result.stderr, result.stderr
+    assert result.stdout == ""
+
+
+def test_local_sh_dry_run_gives_each_process_its_place_in_the_job():
+    env = {
+        **os.environ,
+        **SAFE_ENV,
+        "DEVICES_PER_PROCESS": "2",
+        "PORT": "12345",
+        "LOG_DIR": "/tmp/logs",
+    }
+    result = subprocess.run(
+        ["bash", str(LAUNCH / "local.sh"), "3", "--dry-run", "--hidden=32"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert len(lines) == 3
+    for process_id, line in enumerate(lines):
+        words = shlex.split(line.rstrip(" &"))
+        for word in (
+            "JAX_NUM_CPU_DEVICES=2",
+            "JAX_CPU_COLLECTIVES_IMPLEMENTATION=gloo",
+            "--coordinator_address=127.0.0.1:12345",
+            "--num_processes=3",
+            f"--process_id={process_id}",
+            "--hidden=32",
+        ):
+            assert word in words, line
+        assert ("/tmp/logs/process-" in line) == (process_id > 0)
+
+
+@pytest.mark.parametrize("script", SCRIPTS, ids=lambda p: p.name)
+def test_scripts_have_help(script):
+    out = _script(str(script), "--help").stdout
+    assert out.startswith("Usage: launch/") and "--dry-run" in out
+
+
+def test_scripts_are_shellcheck_clean():
+    if shutil.which("shellcheck") is None:
+        if os.environ.get("CI"):
+            pytest.fail("shellcheck is missing; .ci/run installs it (apt-get install shellcheck)")
+        pytest.skip("shellcheck not installed (apt-get install shellcheck)")
+    result = subprocess.run(
+        ["shellcheck", *map(str, SCRIPTS)], capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode == 0, result.stdout
+
+
+@pytest.mark.skipif(shutil.which("gcloud") is None, reason="Cloud SDK (gcloud) not installed")
+def test_every_gcloud_flag_used_exists_in_that_commands_help():
+    commands = []
+    for args in (
+        ["create", "--spot"],
+        ["setup"],
+        ["run", WORKDIR],
+        ["logs"],
+        ["stop"],
+        ["status"],
+        ["delete"],
+    ):
+        commands += _gcloud(_tpu(*args, *SLICE), "compute")
+    checked = set()
+    for command in commands:
+        words = [w for w in command if not w.startswith("-")]
+        group = words[: words.index("gcloud") + 5]  # gcloud compute tpus GROUP VERB
+        flags = {w.split("=")[0] for w in command if w.startswith("--")}
+        # Documented at gcloud's top level rather than per command.
+        flags -= {"--project", "--quiet", "--format"}
+        help_text = _gcloud_help(tuple(group))
+        for flag in flags:
+            assert re.search(rf"\n\s+{re.escape(flag)}\b", help_text), (group, flag)
+            checked.add((tuple(group), flag))
+    assert len(checked) >= 10
+
+
+def _gcloud_help(group: tuple[str, ...]) -> str:
+    result = subprocess.run(
+        [*group, "--help"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, **SAFE_ENV, "PAGER": "cat", "TERM": "dumb"},
+    )
+    assert result.returncode == 0, result.stderr
+    return re.sub(r"\x1b\[[0-9;]*m", "", result.stdout)
+
+
+def _flag_value(command: list[str], flag: str) -> str:
+    (value,) = [w.split("=", 1)[1] for w in command if w.startswith(flag + "=")]
+    return value

@@ -1,0 +1,131 @@
+"""Run tracking: metrics.jsonl holds every field, TensorBoard gets the same numbers, and the
+JSON lines do not depend on the optional tensorboardX."""
+
+import json
+import struct
+import sys
+
+import jax
+import pytest
+
+from lstm_jax.config import Config
+from lstm_jax.data import Vocab, load_corpus
+from lstm_jax.metrics import MetricsFile
+from lstm_jax.models import build_model, count_params, init_params
+from lstm_jax.train import train_and_evaluate
+
+TRAIN_FIELDS = {
+    "time",
+    "step",
+    "wall_seconds",
+    "train_seconds",
+    "train_loss",
+    "train_bpc",
+    "chars_per_second",
+    "learning_rate",
+    "grad_norm",
+}
+VAL_FIELDS = {"time", "step", "wall_seconds", "train_seconds", "val_loss", "val_bpc"}
+
+
+@pytest.fixture(scope="module")
+def resumed_run(tmp_path_factory, small_text):
+    """A tiny GRU run to step 8, then resumed to step 12: (config, its metrics records)."""
+    tmp = tmp_path_factory.mktemp("tracked")
+    (tmp / "small.txt").write_text(small_text)
+    config = Config(
+        data_path=str(tmp / "small.txt"),
+        workdir=str(tmp / "run"),
+        cell="gru",
+        embed_dim=8,
+        hidden=16,
+        seq_len=16,
+        global_batch=8,
+        num_steps=8,
+        warmup_steps=2,
+        learning_rate=1e-2,
+        log_every=4,
+        eval_every=4,
+        checkpoint_every=4,
+        sample_length=5,
+    )
+    devices = jax.local_devices()[:1]
+    train_and_evaluate(config, devices=devices)
+    train_and_evaluate(config.replace(num_steps=12), devices=devices)
+    lines = (tmp / "run" / "metrics.jsonl").read_text().splitlines()
+    return config, [json.loads(line) for line in lines]
+
+
+def test_metrics_jsonl_has_every_field_of_every_record(resumed_run):
+    config, records = resumed_run
+    starts = [r for r in records if "parameters" in r]
+    train = [r for r in records if "train_loss" in r]
+    val = [r for r in records if "val_loss" in r]
+    assert len(starts) + len(train) + len(val) == len(records)
+    assert [r["step"] for r in starts] == [0, 8]  # The resume announces where it starts.
+    model = build_model(config, Vocab.from_text(load_corpus(config)[0]).size)
+    for start in starts:
+        assert start["cell"] == "gru"
+        assert start["parameters"] == count_params(init_params(model, jax.random.key(0)))
+        assert start["chars_per_step"] == config.global_batch * config.seq_len
+    assert [r["step"] for r in train] == [4, 8, 12] == [r["step"] for r in val]
+    for record in train:
+        assert set(record) == TRAIN_FIELDS
+    for record in val:
+        assert set(record) == VAL_FIELDS
+        assert record["val_bpc"] == pytest.approx(record["val_loss"] / 0.6931471805599453)
+
+
+def test_wall_time_includes_training_and_continues_across_a_resume(resumed_run):
+    _, records = resumed_run
+    timed = [r for r in records if "wall_seconds" in r]
+    walls = [r["wall_seconds"] for r in timed]
+    assert walls == sorted(walls) and walls[0] > 0
+    assert all(r["wall_seconds"] >= r["train_seconds"] for r in timed)
+    trains = [r["train_seconds"] for r in timed]
+    assert trains == sorted(trains)
+
+
+def _tensorboard_scalars(folder) -> dict[str, dict[int, float]]:
+    """tag -> {step: value} from every TFRecord event file in `folder`."""
+    from tensorboardX.proto import event_pb2
+
+    scalars: dict[str, dict[int, float]] = {}
+    files = sorted(folder.glob("events.out.tfevents.*"))
+    assert files, f"no event files in {folder}"
+    for path in files:
+        data = path.read_bytes()
+        offset = 0
+        while offset < len(data):
+            (length,) = struct.unpack("<Q", data[offset : offset + 8])
+            event = event_pb2.Event.FromString(data[offset + 12 : offset + 12 + length])
+            offset += 12 + length + 4  # length, its CRC, the record, its CRC.
+            for value in event.summary.value:
+                scalars.setdefault(value.tag, {})[event.step] = value.simple_value
+    return scalars
+
+
+def test_tensorboard_events_hold_the_numbers_of_metrics_jsonl(resumed_run):
+    pytest.importorskip("tensorboardX", reason="the tensorboard extra is not installed")
+    config, records = resumed_run
+    from pathlib import Path
+
+    scalars = _tensorboard_scalars(Path(config.workdir))
+    assert len(list(Path(config.workdir).glob("events.out.tfevents.*"))) == 2  # Run, resume.
+    for key in TRAIN_FIELDS - {"time", "step"}:
+        logged = {r["step"]: r[key] for r in records if key in r}  # The last of a step wins.
+        assert scalars[key].keys() >= logged.keys(), key
+        for step, value in logged.items():
+            assert scalars[key][step] == pytest.approx(value, rel=1e-6), key
+    val = {r["step"]: r["val_bpc"] for r in records if "val_bpc" in r}
+    assert scalars["val_bpc"] == pytest.approx(val, rel=1e-6)
+
+
+def test_without_tensorboardx_metrics_jsonl_is_still_written(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "tensorboardX", None)  # Importing it raises ImportError.
+    metrics = MetricsFile(tmp_path / "metrics.jsonl", tensorboard_dir=tmp_path)
+    metrics.write(step=1, train_loss=2.5)
+    metrics.close()
+    (line,) = (tmp_path / "metrics.jsonl").read_text().splitlines()
+    assert json.loads(line)["train_loss"] == 2.5
+    assert not list(tmp_path.glob("events.out.tfevents.*"))
