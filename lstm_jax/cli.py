@@ -254,11 +254,12 @@ def distributed_options() -> dict[str, Any]:
 def flagfile_text() -> str:
     """Every flag's value, as a flagfile that reproduces the run even if a default changes.
 
-    Left out: the multi-host flags, which differ per process and per cluster, not per run.
+    Left out: the multi-host flags, which differ per process and per cluster, not per run, and
+    the flags only `python -m lstm_jax.sample` reads.
     """
     lines = []
     for holder in _ALL_FLAGS:
-        if holder.name in _LAUNCH_FLAG_NAMES:
+        if holder.name in _LAUNCH_FLAG_NAMES or holder.name in _SAMPLE_ONLY_FLAG_NAMES:
             continue
         lines.append(flags.FLAGS[holder.name].serialize())
     return "\n".join(lines) + "\n"
@@ -266,6 +267,18 @@ def flagfile_text() -> str:
 
 _ALL_FLAGS = [value for value in list(globals().values()) if isinstance(value, flags.FlagHolder)]
 _LAUNCH_FLAG_NAMES = {f.name for f in (DISTRIBUTED, COORDINATOR_ADDRESS, NUM_PROCESSES, PROCESS_ID)}
+# Read by `python -m lstm_jax.sample` only; training would silently ignore them.
+_SAMPLE_ONLY_FLAG_NAMES = {f.name for f in (TOP_K, NUM_SAMPLES, CHECKPOINT, UNKNOWN)}
+
+
+def refuse_sampling_only_flags() -> None:
+    """`main` samples with --prompt, --length and --temperature; the rest belong to `sample`."""
+    given = sorted(name for name in _SAMPLE_ONLY_FLAG_NAMES if flags.FLAGS[name].present)
+    if given:
+        raise UsageError(
+            f"--{', --'.join(given)} only apply to python -m lstm_jax.sample; drop them here, "
+            "or sample from the workdir after training."
+        )
 
 
 def refuse_positional_arguments(argv: list[str]) -> None:

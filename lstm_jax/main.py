@@ -21,6 +21,7 @@ def main(argv: list[str]) -> None:
     logging.set_verbosity(logging.INFO)
     with cli.user_errors():
         cli.refuse_positional_arguments(argv)
+        cli.refuse_sampling_only_flags()
         config = cli.config_from_flags()
         config.validate()
         # Before anything touches a device: JAX refuses to join a job after that.

@@ -31,6 +31,7 @@ def test_main_trains_checkpoints_and_samples(smoke_workdir):
     ]
     flags = (workdir / "flags.txt").read_text()
     assert "--hidden=128" in flags and f"--workdir={workdir}" in flags
+    assert "--top_k" not in flags  # Sampling-only flags would make main refuse its own flagfile.
     metrics = (workdir / "metrics.jsonl").read_text().splitlines()
     assert any('"val_bpc"' in line for line in metrics)
 
@@ -77,6 +78,7 @@ BAD_INPUTS = [
     ("val_fraction 0", ["--val_fraction=0"], 2, "--val_fraction"),
     ("unknown schedule", ["--schedule=linear"], 2, "--schedule"),
     ("seq_len > validation", ["--seq_len=2000", "--global_batch=1"], 2, "--seq_len"),
+    ("sampling-only flag", ["--top_k=5"], 2, "lstm_jax.sample"),
     ("stray argument", ["hidden=5"], 2, "Unexpected arguments"),
 ]
 

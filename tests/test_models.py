@@ -1,4 +1,4 @@
-"""The model: shapes, and scanning a sequence equals stepping it one character at a time."""
+"""The model: shapes, parameter names and dropout (scan == step-by-step: tests/test_cells.py)."""
 
 import jax
 import jax.numpy as jnp
@@ -22,23 +22,6 @@ def test_shapes_of_logits_and_carry():
     # embed 11*5; per layer 4 gates x (input kernel, recurrent kernel, bias); logits 7*11+11.
     expected = 11 * 5 + 4 * (5 * 7 + 7 * 7 + 7) + 4 * (7 * 7 + 7 * 7 + 7) + 7 * 11 + 11
     assert count_params(params) == expected
-
-
-def test_scan_over_sequence_equals_stepping_one_character_at_a_time():
-    model = _model()
-    params = init_params(model, jax.random.key(1))
-    tokens = jax.random.randint(jax.random.key(2), (4, 13), 0, 11)
-    start = jax.tree.map(
-        lambda x: jax.random.normal(jax.random.key(3), x.shape), model.initialize_carry(4)
-    )
-    carry_scan, logits_scan = model.apply({"params": params}, start, tokens)
-    carry, stepped = start, []
-    for t in range(tokens.shape[1]):
-        carry, logits = model.apply({"params": params}, carry, tokens[:, t : t + 1])
-        stepped.append(logits[:, 0])
-    np.testing.assert_allclose(np.stack(stepped, 1), logits_scan, rtol=1e-5, atol=1e-5)
-    for a, b in zip(jax.tree.leaves(carry), jax.tree.leaves(carry_scan), strict=True):
-        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
 
 
 def test_parameters_use_optimized_lstm_cell_names():
