@@ -36,14 +36,13 @@ from absl import app, flags, logging
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from lstm_jax import parallel
-from lstm_jax.config import Config
+from lstm_jax.config import DTYPES, Config
 from lstm_jax.errors import UsageError, UserError
 from lstm_jax.models import CharLSTM, build_model, count_params, init_params
 from lstm_jax.sample import generate
 from lstm_jax.train import create_train_state
 
 PEER_PATH = Path(__file__).resolve().parents[1] / "experiments" / "peers" / "pytorch_lstm.py"
-DTYPES = ("float32", "bfloat16")
 PEERS = ("pytorch",)
 NUM_HOST_BATCHES = 4  # Distinct random batches, cycled (the peer uses as many).
 MATMUL_RUNS = 5
@@ -66,7 +65,7 @@ _DTYPE = flags.DEFINE_enum(
     "dtype",
     "float32",
     list(DTYPES),
-    "Compute dtype of the LSTM matmuls. Only float32 works until CharLSTM takes a dtype.",
+    "Compute dtype of the matmuls (parameters stay float32); the peak is measured in it too.",
 )
 _WARMUP_STEPS = flags.DEFINE_integer(
     "warmup_steps", 3, "Untimed training steps after the compiling first call. Default 3."
@@ -83,7 +82,7 @@ _GENERATE_LENGTH = flags.DEFINE_integer(
 _MATMUL_SIZE = flags.DEFINE_integer(
     "matmul_size",
     0,
-    "Side of the square float32 matmul timed as the peak FLOP/s. Default 0: 2048 on CPU, "
+    "Side of the square matmul (in --dtype) timed as the peak FLOP/s. Default 0: 2048 on CPU, "
     "8192 on accelerators.",
 )
 _COMPARE = flags.DEFINE_enum(
@@ -140,10 +139,10 @@ class BenchOptions:
             raise UsageError(f"--matmul_size must be >= 0 (0: automatic), got {self.matmul_size}.")
         if self.dtype not in DTYPES:
             raise UsageError(f"--dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}.")
-        if self.dtype != "float32":
+        if self.dtype != "float32" and self.compare:
             raise UsageError(
-                f"--dtype={self.dtype} is not supported yet: lstm_jax.models.CharLSTM has no "
-                "compute-dtype setting, so only float32 can be measured."
+                f"--compare times the peer in float32 only; drop --compare or use "
+                f"--dtype=float32 (got --dtype={self.dtype})."
             )
         if self.compare not in ("", *PEERS):
             raise UsageError(f"--compare must be empty or one of {', '.join(PEERS)}.")
@@ -247,6 +246,7 @@ def measure_training(
         weight_decay=0.0,
         learning_rate=LEARNING_RATE,
         grad_clip=GRAD_CLIP,
+        dtype=options.dtype,
     )
     total_steps = 1 + options.warmup_steps + options.windows * options.steps_per_window
     model = build_model(config, options.vocab_size)
@@ -333,9 +333,9 @@ def measure_training(
 
 
 def measure_matmul_peak(
-    devices: Sequence[jax.Device], size: int, runs: int = MATMUL_RUNS
+    devices: Sequence[jax.Device], size: int, runs: int = MATMUL_RUNS, dtype: str = "float32"
 ) -> dict[str, Any]:
-    """FLOP/s of a jitted float32 [size, size] @ [size, size] matmul on every device at once.
+    """FLOP/s of a jitted [size, size] @ [size, size] matmul in `dtype` on every device at once.
 
     The matmuls run side by side (one per device, sharded over the same devices as training),
     so the peak is the aggregate the training step could reach, also when several (fake) CPU
@@ -344,7 +344,9 @@ def measure_matmul_peak(
     mesh = Mesh(np.asarray(devices), (parallel.AXIS,))
     sharding = NamedSharding(mesh, PartitionSpec(parallel.AXIS))
     shape = (len(devices), size, size)
-    make = jax.jit(lambda key: jax.random.normal(key, shape, jnp.float32), out_shardings=sharding)
+    make = jax.jit(
+        lambda key: jax.random.normal(key, shape, jnp.dtype(dtype)), out_shardings=sharding
+    )
     a, b = make(jax.random.key(1)), make(jax.random.key(2))
     matmul = jax.jit(jnp.matmul, out_shardings=sharding)
     _block(matmul(a, b))  # Compile.
@@ -356,7 +358,7 @@ def measure_matmul_peak(
     flops = len(devices) * 2 * size**3
     return {
         "size": size,
-        "dtype": "float32",
+        "dtype": dtype,
         "run_seconds": run_seconds,
         "flops_per_second": flops / _median(run_seconds),
     }
@@ -406,8 +408,8 @@ def run_benchmark(
     matmul_size = options.matmul_size or (2048 if platform == "cpu" else 8192)
 
     training, peer_numbers, model, params = measure_training(options, devices, peer=peer, log=log)
-    log(f"Timing a {matmul_size}x{matmul_size} float32 matmul for the peak FLOP/s...")
-    matmul = measure_matmul_peak(devices, matmul_size)
+    log(f"Timing a {matmul_size}x{matmul_size} {options.dtype} matmul for the peak FLOP/s...")
+    matmul = measure_matmul_peak(devices, matmul_size, dtype=options.dtype)
     char_flops = flops_per_char(
         options.vocab_size, options.embed_dim, options.hidden, options.num_layers
     )
@@ -498,7 +500,7 @@ def format_table(results: dict[str, Any]) -> str:
         ("model FLOPs per char", f"{train['flops_per_char']:,}"),
         ("achieved", _si(train["flops_per_second"], "FLOP/s")),
         (
-            f"matmul peak ({matmul['size']}^2 f32)",
+            f"matmul peak ({matmul['size']}^2 {matmul['dtype']})",
             _si(matmul["flops_per_second"], "FLOP/s"),
         ),
         ("utilisation", f"{train['utilisation']:.1%}"),

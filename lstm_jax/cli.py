@@ -15,7 +15,7 @@ from typing import Any
 from absl import app, flags, logging
 
 from lstm_jax.cells import CELLS
-from lstm_jax.config import DROPOUT_PLACES, Config
+from lstm_jax.config import DROPOUT_PLACES, DTYPES, Config
 from lstm_jax.errors import UsageError, UserError
 
 _D = Config()  # Defaults come from the dataclass, so they are written down once.
@@ -82,6 +82,13 @@ DROPOUT_AT = flags.DEFINE_enum(
     list(DROPOUT_PLACES),
     "Where --dropout applies. between: between stacked layers and before the output layer "
     "(default); output: before the output layer only.",
+)
+DTYPE = flags.DEFINE_enum(
+    "dtype",
+    _D.dtype,
+    list(DTYPES),
+    "Compute dtype of the matmuls: bfloat16 for TPUs and GPUs (lstm and gru cells). "
+    "Parameters, carried state and loss stay float32, so checkpoints move between dtypes.",
 )
 DROPOUT = flags.DEFINE_float(
     "dropout", _D.dropout, "Dropout rate, [0, 1); where it applies: --dropout_at."
@@ -205,6 +212,7 @@ def config_from_flags() -> Config:
         residual=RESIDUAL.value,
         layer_norm=LAYER_NORM.value,
         tie_embeddings=TIE_EMBEDDINGS.value,
+        dtype=DTYPE.value,
         optimizer=OPTIMIZER.value,
         learning_rate=LEARNING_RATE.value,
         weight_decay=WEIGHT_DECAY.value,

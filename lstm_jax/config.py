@@ -14,6 +14,7 @@ from lstm_jax.errors import UsageError
 SCHEDULES = ("constant", "cosine")
 OPTIMIZERS = ("adam", "adamw")
 DROPOUT_PLACES = ("between", "output")
+DTYPES = ("float32", "bfloat16")
 
 # Model settings added after the first checkpoints were written, with the value those runs had.
 _ADDED_MODEL_SETTINGS = {
@@ -50,6 +51,9 @@ class Config:
     residual: bool = False  # Skip connections around every layer after the first.
     layer_norm: bool = False  # LayerNorm on every layer's output.
     tie_embeddings: bool = False  # The output layer reuses the embedding table.
+    # Compute dtype of the matmuls; parameters, carried state and loss stay float32, so it is
+    # not a model setting: checkpoints move freely between dtypes.
+    dtype: str = "float32"
 
     # Optimisation.
     optimizer: str = "adamw"
@@ -148,13 +152,21 @@ class Config:
             )
         if self.weight_decay > 0 and self.optimizer != "adamw":
             raise UsageError("--weight_decay needs --optimizer=adamw.")
-        from lstm_jax.cells import CELLS  # Here, not at the top: config stays free of Flax.
+        from lstm_jax.cells import CELLS, cell_takes_dtype  # Here: config stays free of Flax.
 
         if self.cell not in CELLS:
             raise UsageError(f"--cell must be one of {', '.join(CELLS)}, got {self.cell!r}.")
         if self.dropout_at not in DROPOUT_PLACES:
             raise UsageError(
                 f"--dropout_at must be one of {', '.join(DROPOUT_PLACES)}, got {self.dropout_at!r}."
+            )
+        if self.dtype not in DTYPES:
+            raise UsageError(f"--dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}.")
+        if self.dtype != "float32" and not cell_takes_dtype(self.cell):
+            takes = ", ".join(name for name in CELLS if cell_takes_dtype(name))
+            raise UsageError(
+                f"--dtype={self.dtype} needs a cell with a compute dtype ({takes}); "
+                f"--cell={self.cell} computes in float32 only."
             )
         if self.tie_embeddings and self.embed_dim != self.hidden:
             raise UsageError(

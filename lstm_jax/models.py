@@ -35,15 +35,20 @@ class CharLSTM(nn.Module):
     layer_norm: bool = False  # LayerNorm on each layer's output.
     tie_embeddings: bool = False  # Logits from the embedding table (needs embed_dim == hidden).
     dropout_at: str = "between"  # "between": between layers and before the output; "output".
+    dtype: str = "float32"  # Compute dtype of the matmuls; parameters and carry stay float32.
 
     @nn.compact
     def __call__(
         self, carry: Carry, tokens: jax.Array, *, deterministic: bool = True
     ) -> tuple[Carry, jax.Array]:
         """tokens int [batch, time] -> (new carry, logits float32 [batch, time, vocab])."""
+        dtype = jnp.dtype(self.dtype)
+        # Only non-default dtypes are passed on: the cells without a dtype field (lstm_ln,
+        # slstm, minlstm) compute in float32, and Config.validate refuses others for them.
+        cell_options = {} if dtype == jnp.float32 else {"dtype": dtype}
         embed = None
         if self.embed_dim:
-            embed = nn.Embed(self.vocab_size, self.embed_dim, name="embed")
+            embed = nn.Embed(self.vocab_size, self.embed_dim, dtype=dtype, name="embed")
             x = embed(tokens)
         else:
             x = jax.nn.one_hot(tokens, self.vocab_size, dtype=jnp.float32)
@@ -54,11 +59,11 @@ class CharLSTM(nn.Module):
             if layer > 0 and self.dropout_at == "between":
                 # Applied outside the scan, so every character gets its own mask.
                 layer_input = nn.Dropout(self.dropout)(x, deterministic=deterministic)
-            layer_carry, y = cell_type(self.hidden, name=f"{self.cell}_{layer}").scan(
-                carry[layer], layer_input
-            )
+            layer_carry, y = cell_type(
+                self.hidden, name=f"{self.cell}_{layer}", **cell_options
+            ).scan(carry[layer], layer_input)
             if self.layer_norm:
-                y = nn.LayerNorm(name=f"norm_{layer}")(y)
+                y = nn.LayerNorm(dtype=dtype, name=f"norm_{layer}")(y)
             if self.residual and layer > 0:
                 y = y + x  # The undropped input: dropout acts on the branch, not the skip.
             x = y
@@ -68,7 +73,7 @@ class CharLSTM(nn.Module):
             bias = self.param("logits_bias", nn.initializers.zeros_init(), (self.vocab_size,))
             logits = embed.attend(x) + bias
         else:
-            logits = nn.Dense(self.vocab_size, name="logits")(x)
+            logits = nn.Dense(self.vocab_size, dtype=dtype, name="logits")(x)
         return tuple(new_carry), logits.astype(jnp.float32)
 
     def initialize_carry(self, batch_size: int) -> Carry:
@@ -89,6 +94,7 @@ def build_model(config: Config, vocab_size: int) -> CharLSTM:
         layer_norm=config.layer_norm,
         tie_embeddings=config.tie_embeddings,
         dropout_at=config.dropout_at,
+        dtype=config.dtype,
     )
 
 

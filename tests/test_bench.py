@@ -89,8 +89,16 @@ def test_compare_without_torch_says_how_to_install_it(tmp_path):
     assert "pip install -e '.[peers]'" in result.stderr and "Traceback" not in result.stderr
 
 
-def test_bfloat16_is_refused_in_one_line(tmp_path):
-    result = run_module("lstm_jax.bench", *TINY_FLAGS, "--dtype=bfloat16", timeout=120)
+def test_bfloat16_is_measured_against_a_bfloat16_peak(tmp_path):
+    results, _ = _bench(tmp_path, "--dtype=bfloat16")
+    assert results["sizes"]["dtype"] == "bfloat16" and results["matmul"]["dtype"] == "bfloat16"
+    assert results["train"]["chars_per_second"] > 0
+
+
+def test_bfloat16_with_the_float32_peer_is_refused_in_one_line(tmp_path):
+    result = run_module(
+        "lstm_jax.bench", *TINY_FLAGS, "--dtype=bfloat16", "--compare=pytorch", timeout=120
+    )
     assert result.returncode == 2
     error_lines = [line for line in result.stderr.splitlines() if line.startswith("error:")]
     assert len(error_lines) == 1 and "float32" in error_lines[0]

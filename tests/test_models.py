@@ -3,7 +3,10 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
+from lstm_jax.config import Config
+from lstm_jax.errors import UsageError
 from lstm_jax.models import CharLSTM, count_params, init_params
 
 
@@ -43,3 +46,35 @@ def test_dropout_changes_outputs_only_when_training():
     )
     np.testing.assert_array_equal(eval_a, eval_b)
     assert not np.allclose(eval_a, train)
+
+
+@pytest.mark.parametrize("cell", ["lstm", "gru"])
+def test_bfloat16_compute_keeps_float32_parameters_and_close_loss(cell):
+    sizes = dict(vocab_size=11, embed_dim=16, hidden=32, num_layers=2, cell=cell)
+    model32, model16 = CharLSTM(**sizes), CharLSTM(**sizes, dtype="bfloat16")
+    params = init_params(model16, jax.random.key(0))
+    # Same parameter tree, all float32: checkpoints move freely between dtypes.
+    assert jax.tree.structure(params) == jax.tree.structure(init_params(model32, jax.random.key(0)))
+    assert {leaf.dtype for leaf in jax.tree.leaves(params)} == {jnp.dtype(jnp.float32)}
+    tokens = jax.random.randint(jax.random.key(1), (4, 20), 0, 11)
+
+    def loss(model, params):
+        carry, logits = model.apply({"params": params}, model.initialize_carry(4), tokens)
+        targets = jax.nn.one_hot(jnp.roll(tokens, -1, axis=1), 11)
+        return -jnp.mean(jnp.sum(jax.nn.log_softmax(logits) * targets, -1)), carry
+
+    (loss32, carry32), grads32 = jax.value_and_grad(loss, 1, has_aux=True)(model32, params)
+    (loss16, carry16), grads16 = jax.value_and_grad(loss, 1, has_aux=True)(model16, params)
+    assert loss16.dtype == jnp.float32 and jax.tree.leaves(carry16)[0].dtype == jnp.float32
+    np.testing.assert_allclose(loss16, loss32, rtol=1e-2)  # bfloat16 has 8 mantissa bits.
+    for g16, g32 in zip(jax.tree.leaves(grads16), jax.tree.leaves(grads32), strict=True):
+        assert g16.dtype == jnp.float32
+        np.testing.assert_allclose(g16, g32, atol=0.05 * float(jnp.max(jnp.abs(g32))) + 1e-6)
+
+
+def test_bfloat16_is_refused_for_cells_without_a_compute_dtype():
+    Config(cell="gru", dtype="bfloat16").validate()
+    with pytest.raises(UsageError, match="--cell=minlstm computes in float32 only"):
+        Config(cell="minlstm", dtype="bfloat16").validate()
+    with pytest.raises(UsageError, match="--dtype must be one of float32, bfloat16"):
+        Config(dtype="float16").validate()

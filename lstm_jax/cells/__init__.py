@@ -17,6 +17,8 @@ with a `Cell` subclass and add one line to `CELLS` below (README, "Add a cell").
 
 from __future__ import annotations
 
+import dataclasses
+
 from lstm_jax.cells import gru, lstm, lstm_ln, minlstm, slstm
 from lstm_jax.cells.base import Carry, Cell
 
@@ -28,4 +30,10 @@ CELLS: dict[str, type[Cell]] = {
     "minlstm": minlstm.MinLSTM,
 }
 
-__all__ = ["CELLS", "Carry", "Cell"]
+
+def cell_takes_dtype(name: str) -> bool:
+    """Whether the cell has Flax's `dtype` field (compute dtype), so `--dtype` applies to it."""
+    return "dtype" in {field.name for field in dataclasses.fields(CELLS[name])}
+
+
+__all__ = ["CELLS", "Carry", "Cell", "cell_takes_dtype"]
