@@ -90,6 +90,12 @@ DTYPE = flags.DEFINE_enum(
     "Compute dtype of the matmuls: bfloat16 for TPUs and GPUs (lstm and gru cells). "
     "Parameters, carried state and loss stay float32, so checkpoints move between dtypes.",
 )
+VARIATIONAL_DROPOUT = flags.DEFINE_bool(
+    "variational_dropout",
+    _D.variational_dropout,
+    "One dropout mask per sequence, shared by all its characters (variational or 'locked' "
+    "dropout, as in AWD-LSTM), instead of a new mask for every character.",
+)
 DROPOUT = flags.DEFINE_float(
     "dropout", _D.dropout, "Dropout rate, [0, 1); where it applies: --dropout_at."
 )
@@ -209,6 +215,7 @@ def config_from_flags() -> Config:
         num_layers=NUM_LAYERS.value,
         dropout=DROPOUT.value,
         dropout_at=DROPOUT_AT.value,
+        variational_dropout=VARIATIONAL_DROPOUT.value,
         residual=RESIDUAL.value,
         layer_norm=LAYER_NORM.value,
         tie_embeddings=TIE_EMBEDDINGS.value,

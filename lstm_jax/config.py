@@ -48,6 +48,7 @@ class Config:
     num_layers: int = 2
     dropout: float = 0.2
     dropout_at: str = "between"  # Between layers and before the output layer, or "output" only.
+    variational_dropout: bool = False  # One mask per sequence, shared by all its time steps.
     residual: bool = False  # Skip connections around every layer after the first.
     layer_norm: bool = False  # LayerNorm on every layer's output.
     tie_embeddings: bool = False  # The output layer reuses the embedding table.

@@ -35,6 +35,7 @@ class CharLSTM(nn.Module):
     layer_norm: bool = False  # LayerNorm on each layer's output.
     tie_embeddings: bool = False  # Logits from the embedding table (needs embed_dim == hidden).
     dropout_at: str = "between"  # "between": between layers and before the output; "output".
+    variational_dropout: bool = False  # One dropout mask per sequence, shared over time.
     dtype: str = "float32"  # Compute dtype of the matmuls; parameters and carry stay float32.
 
     @nn.compact
@@ -52,13 +53,18 @@ class CharLSTM(nn.Module):
             x = embed(tokens)
         else:
             x = jax.nn.one_hot(tokens, self.vocab_size, dtype=jnp.float32)
+        # Variational ("locked") dropout: the mask is broadcast over the time axis, so a
+        # dropped unit stays dropped for the whole sequence (Gal & Ghahramani, 2016).
+        time_axis = (1,) if self.variational_dropout else ()
         cell_type = CELLS[self.cell]
         new_carry = []
         for layer in range(self.num_layers):
             layer_input = x
             if layer > 0 and self.dropout_at == "between":
                 # Applied outside the scan, so every character gets its own mask.
-                layer_input = nn.Dropout(self.dropout)(x, deterministic=deterministic)
+                layer_input = nn.Dropout(self.dropout, broadcast_dims=time_axis)(
+                    x, deterministic=deterministic
+                )
             layer_carry, y = cell_type(
                 self.hidden, name=f"{self.cell}_{layer}", **cell_options
             ).scan(carry[layer], layer_input)
@@ -68,7 +74,7 @@ class CharLSTM(nn.Module):
                 y = y + x  # The undropped input: dropout acts on the branch, not the skip.
             x = y
             new_carry.append(layer_carry)
-        x = nn.Dropout(self.dropout)(x, deterministic=deterministic)
+        x = nn.Dropout(self.dropout, broadcast_dims=time_axis)(x, deterministic=deterministic)
         if self.tie_embeddings:
             bias = self.param("logits_bias", nn.initializers.zeros_init(), (self.vocab_size,))
             logits = embed.attend(x) + bias
@@ -94,6 +100,7 @@ def build_model(config: Config, vocab_size: int) -> CharLSTM:
         layer_norm=config.layer_norm,
         tie_embeddings=config.tie_embeddings,
         dropout_at=config.dropout_at,
+        variational_dropout=config.variational_dropout,
         dtype=config.dtype,
     )
 

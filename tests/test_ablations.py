@@ -127,6 +127,27 @@ def test_dropout_at_output_leaves_every_layer_alone(dropout_at, second_layer_see
     assert not np.allclose(eval_logits, train_logits)
 
 
+@pytest.mark.parametrize("variational", [False, True])
+def test_variational_dropout_keeps_one_mask_for_the_whole_sequence(variational):
+    model = _model(dropout=0.5, variational_dropout=variational)
+    params = init_params(model, jax.random.key(0))
+    _, state = model.apply(
+        {"params": params},
+        model.initialize_carry(3),
+        TOKENS,
+        deterministic=False,
+        rngs={"dropout": jax.random.key(1)},
+        capture_intermediates=lambda module, _: isinstance(module, nn.Dropout),
+    )
+    outputs = jax.tree.leaves(state["intermediates"])
+    assert len(outputs) == 2  # Between the layers, and before the output layer.
+    for dropped in outputs:
+        zeros = np.asarray(dropped) == 0  # [batch, time, features]; LSTM outputs are never 0.
+        assert 0.3 < zeros.mean() < 0.7
+        same_over_time = (zeros == zeros[:, :1]).all()
+        assert same_over_time == variational
+
+
 def test_bad_dropout_at_is_a_usage_error():
     with pytest.raises(UsageError, match="--dropout_at must be one of between, output"):
         Config(dropout_at="inputs").validate()
@@ -138,7 +159,8 @@ def test_sampling_rebuilds_the_model_with_every_model_setting():
     )
     built = build_model(config, VOCAB)
     rebuilt = model_from_settings(config.run_settings(), VOCAB)
-    skip = {"dropout", "dropout_at", "parent", "name"}  # Training-only, and Flax's own.
+    # Training-only, and Flax's own.
+    skip = {"dropout", "dropout_at", "variational_dropout", "dtype", "parent", "name"}
     for field in dataclasses.fields(CharLSTM):
         if field.name not in skip:
             assert getattr(built, field.name) == getattr(rebuilt, field.name), field.name
