@@ -61,7 +61,7 @@ class CharLSTM(nn.Module):
         for layer in range(self.num_layers):
             layer_input = x
             if layer > 0 and self.dropout_at == "between":
-                # Applied outside the scan, so every character gets its own mask.
+                # Outside the scan: one mask per character, or per sequence (variational).
                 layer_input = nn.Dropout(self.dropout, broadcast_dims=time_axis)(
                     x, deterministic=deterministic
                 )
