@@ -296,6 +296,26 @@ def refuse_sampling_only_flags() -> None:
         )
 
 
+def refuse_model_flags_unlike(saved_settings: dict[str, Any]) -> None:
+    """`sample` builds the model from the checkpoint: a model flag given with another value, or a
+    compute dtype other than float32, would be silently ignored, so it is refused instead.
+
+    Flags equal to the checkpoint's settings pass, so a run's own flagfile can be reused.
+    """
+    differing = [
+        f"--{name}={flags.FLAGS[name].value} (the checkpoint has {saved_settings[name]!r})"
+        for name in Config().model_settings()
+        if flags.FLAGS[name].present and flags.FLAGS[name].value != saved_settings.get(name)
+    ]
+    if DTYPE.present and DTYPE.value != "float32":
+        differing.append(f"--dtype={DTYPE.value} (sampling computes in float32)")
+    if differing:
+        raise UsageError(
+            "python -m lstm_jax.sample takes the model from the checkpoint; drop "
+            f"{', '.join(differing)}, or point --workdir at a run trained that way."
+        )
+
+
 def refuse_positional_arguments(argv: list[str]) -> None:
     if len(argv) > 1:
         raise UsageError(

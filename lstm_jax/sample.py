@@ -113,11 +113,13 @@ def main(argv: list[str]) -> None:
         cli.refuse_positional_arguments(argv)
         options = cli.sample_options()
         from lstm_jax.checkpoint import Checkpoints, abstract_like
+        from lstm_jax.config import complete_settings
         from lstm_jax.models import init_params, model_from_settings
 
         checkpoints = Checkpoints(options["workdir"], read_only=True)
         step = checkpoints.resolve(options["checkpoint"])
         meta = checkpoints.read_meta(step)
+        cli.refuse_model_flags_unlike(complete_settings(meta["settings"]))
         vocab = Vocab(meta["vocab"])
         check_sampling_args(options["length"], options["temperature"], options["top_k"], vocab.size)
         model = model_from_settings(meta["settings"], vocab.size)

@@ -116,6 +116,8 @@ def test_bad_sampling_input_gives_one_clear_line_and_keeps_checkpoints(smoke_wor
         ([f"--workdir={workdir}", "--length=0"], 2, "--length"),
         ([f"--workdir={workdir}", "--temperature=-1"], 2, "--temperature"),
         ([f"--workdir={workdir}", "--top_k=1000"], 2, "--top_k"),
+        ([f"--workdir={workdir}", "--hidden=512"], 2, "--hidden=512 (the checkpoint has 128)"),
+        ([f"--workdir={workdir}", "--dtype=bfloat16"], 2, "sampling computes in float32"),
     ]
     for args, code, phrase in cases:
         result = _run("lstm_jax.sample", *args)
@@ -127,3 +129,6 @@ def test_bad_sampling_input_gives_one_clear_line_and_keeps_checkpoints(smoke_wor
     assert not (tmp_path / "empty").exists()
     skipped = _run("lstm_jax.sample", f"--workdir={workdir}", "--prompt=Zoë ☃", "--unknown=skip")
     assert skipped.returncode == 0 and skipped.stdout.strip()
+    # The run's own flagfile names the same model, so sampling with it is fine.
+    reused = _run("lstm_jax.sample", "--flagfile=experiments/smoke.flags", f"--workdir={workdir}")
+    assert reused.returncode == 0, reused.stderr[-2000:]
