@@ -37,6 +37,7 @@ class CharLSTM(nn.Module):
     dropout_at: str = "between"  # "between": between layers and before the output; "output".
     variational_dropout: bool = False  # One dropout mask per sequence, shared over time.
     dtype: str = "float32"  # Compute dtype of the matmuls; parameters and carry stay float32.
+    remat: bool = False  # Recompute each time step in the backward pass (cells that step).
 
     @nn.compact
     def __call__(
@@ -47,6 +48,7 @@ class CharLSTM(nn.Module):
         # Only non-default dtypes are passed on: the cells without a dtype field (lstm_ln,
         # slstm, minlstm) compute in float32, and Config.validate refuses others for them.
         cell_options = {} if dtype == jnp.float32 else {"dtype": dtype}
+        scan_options = {"remat": True} if self.remat else {}  # Only cells that step take it.
         embed = None
         if self.embed_dim:
             embed = nn.Embed(self.vocab_size, self.embed_dim, dtype=dtype, name="embed")
@@ -67,7 +69,7 @@ class CharLSTM(nn.Module):
                 )
             layer_carry, y = cell_type(
                 self.hidden, name=f"{self.cell}_{layer}", **cell_options
-            ).scan(carry[layer], layer_input)
+            ).scan(carry[layer], layer_input, **scan_options)
             if self.layer_norm:
                 y = nn.LayerNorm(dtype=dtype, name=f"norm_{layer}")(y)
             if self.residual and layer > 0:
@@ -102,6 +104,7 @@ def build_model(config: Config, vocab_size: int) -> CharLSTM:
         dropout_at=config.dropout_at,
         variational_dropout=config.variational_dropout,
         dtype=config.dtype,
+        remat=config.remat,
     )
 
 

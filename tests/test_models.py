@@ -78,3 +78,40 @@ def test_bfloat16_is_refused_for_cells_without_a_compute_dtype():
         Config(cell="minlstm", dtype="bfloat16").validate()
     with pytest.raises(UsageError, match="--dtype must be one of float32, bfloat16"):
         Config(dtype="float16").validate()
+
+
+@pytest.mark.parametrize("cell", ["lstm", "gru", "lstm_ln", "slstm"])
+def test_remat_gives_the_same_loss_and_gradients(cell):
+    sizes = dict(vocab_size=11, embed_dim=16, hidden=32, num_layers=2, cell=cell)
+    model, recomputing = CharLSTM(**sizes), CharLSTM(**sizes, remat=True)
+    params = init_params(model, jax.random.key(0))
+    # Same parameter tree: --remat can be switched on or off when a run resumes.
+    assert jax.tree.structure(params) == jax.tree.structure(
+        init_params(recomputing, jax.random.key(0))
+    )
+    tokens = jax.random.randint(jax.random.key(1), (4, 30), 0, 11)
+
+    def loss(model, params):
+        _, logits = model.apply({"params": params}, model.initialize_carry(4), tokens)
+        targets = jax.nn.one_hot(jnp.roll(tokens, -1, axis=1), 11)
+        return -jnp.mean(jnp.sum(jax.nn.log_softmax(logits) * targets, -1))
+
+    gradient = jax.jit(jax.value_and_grad(loss, 1), static_argnums=0)
+    stored, grads = gradient(model, params)
+    recomputed, remat_grads = gradient(recomputing, params)
+    # The point of --remat: XLA's scratch memory for the step shrinks.
+    scratch = {
+        m.remat: gradient.lower(m, params).compile().memory_analysis().temp_size_in_bytes
+        for m in (model, recomputing)
+    }
+    assert scratch[True] < 0.7 * scratch[False], scratch
+    np.testing.assert_allclose(recomputed, stored, rtol=1e-6)
+    for remat_grad, grad in zip(jax.tree.leaves(remat_grads), jax.tree.leaves(grads), strict=True):
+        np.testing.assert_allclose(remat_grad, grad, rtol=1e-5, atol=1e-7)
+    assert float(jnp.max(jnp.abs(grads["logits"]["kernel"]))) > 0
+
+
+def test_remat_is_refused_for_a_cell_without_a_step_by_step_scan():
+    Config(cell="gru", remat=True).validate()
+    with pytest.raises(UsageError, match="--cell=minlstm computes all time steps at once"):
+        Config(cell="minlstm", remat=True).validate()

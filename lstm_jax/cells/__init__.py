@@ -6,7 +6,8 @@ Every cell implements one interface, `Cell` (see `lstm_jax.cells.base`): a Flax 
     init_carry(batch_size) -> carry      the zero state: a pytree of float32 [batch, ...] arrays
     __call__(carry, x) -> (carry, y)     one time step: x [batch, in] -> y [batch, features]
     scan(carry, xs) -> (carry, ys)       the whole sequence [batch, time, in], which the model
-                                         applies; by default __call__ under nn.scan
+                                         applies; by default __call__ under nn.scan (which
+                                         also takes remat=True, for --remat)
 
 `lstm_jax.models.CharLSTM` stacks `--num_layers` of the chosen cell, each `--hidden` wide and
 named `{cell}_{layer}`, and does everything else (embedding, dropout, residuals, layer norm,
@@ -31,9 +32,14 @@ CELLS: dict[str, type[Cell]] = {
 }
 
 
+def cell_steps_in_scan(name: str) -> bool:
+    """Whether the cell uses the default `Cell.scan` (one step at a time), which `--remat` needs."""
+    return CELLS[name].scan is Cell.scan
+
+
 def cell_takes_dtype(name: str) -> bool:
     """Whether the cell has Flax's `dtype` field (compute dtype), so `--dtype` applies to it."""
     return "dtype" in {field.name for field in dataclasses.fields(CELLS[name])}
 
 
-__all__ = ["CELLS", "Carry", "Cell", "cell_takes_dtype"]
+__all__ = ["CELLS", "Carry", "Cell", "cell_steps_in_scan", "cell_takes_dtype"]

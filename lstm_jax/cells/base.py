@@ -27,6 +27,9 @@ class Cell(nn.Module):
       ys [batch, time, features]. This is what the model calls. The default runs `__call__`
       under `nn.scan`: parameters shared over time, a fresh dropout key at every step. A cell
       with a parallel form over time (minLSTM) overrides it; it must equal stepping `__call__`.
+      The default also takes `remat=True` (`--remat`): each step is wrapped in `nn.remat`, so
+      the backward pass recomputes the step from its carry and input instead of storing its
+      intermediate values. Same results; less memory, a little more time.
 
     `__call__` is not declared here, so that a subclass can take it from a Flax cell by
     multiple inheritance (`class LSTM(Cell, nn.OptimizedLSTMCell)`).
@@ -36,9 +39,15 @@ class Cell(nn.Module):
     def init_carry(self, batch_size: int) -> Carry:
         raise NotImplementedError(f"{type(self).__name__} must define init_carry(batch_size).")
 
-    def scan(self, carry: Carry, xs: jax.Array) -> tuple[Carry, jax.Array]:
+    def scan(self, carry: Carry, xs: jax.Array, remat: bool = False) -> tuple[Carry, jax.Array]:
+        def step(cell, carry, x):
+            return cell(carry, x)
+
+        if remat:
+            # prevent_cse=False: scan already keeps XLA from merging the recomputation away.
+            step = nn.remat(step, prevent_cse=False)
         step_over_time = nn.scan(
-            lambda cell, carry, x: cell(carry, x),
+            step,
             variable_broadcast="params",
             split_rngs={"params": False, "dropout": True},
             in_axes=1,
