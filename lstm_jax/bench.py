@@ -92,6 +92,12 @@ _COMPARE = flags.DEFINE_enum(
     "Also time the same model in this framework, window by window in turn with JAX. "
     "Default empty: JAX only.",
 )
+_REMAT = flags.DEFINE_bool(
+    "remat",
+    False,
+    "Recompute each time step in the backward pass (lstm_jax.main --remat); compare the step "
+    "scratch memory and speed with and without.",
+)
 _JSON = flags.DEFINE_string("json", "bench.json", "Where to write every number, as JSON.")
 _DEVICES = flags.DEFINE_integer(
     "devices", None, "Local devices to train on, data parallel. Default: all of them."
@@ -116,6 +122,7 @@ class BenchOptions:
     matmul_size: int = 0  # 0: 2048 on CPU, 8192 elsewhere.
     compare: str = ""
     devices: int | None = None  # None: all local devices.
+    remat: bool = False
 
     def validate(self, local_device_count: int) -> None:
         """Raise `UsageError` naming the first impossible setting."""
@@ -247,6 +254,7 @@ def measure_training(
         learning_rate=LEARNING_RATE,
         grad_clip=GRAD_CLIP,
         dtype=options.dtype,
+        remat=options.remat,
     )
     total_steps = 1 + options.warmup_steps + options.windows * options.steps_per_window
     model = build_model(config, options.vocab_size)
@@ -263,7 +271,15 @@ def measure_training(
         rng.integers(0, options.vocab_size, (options.batch, options.seq_len + 1), dtype=np.int32)
         for _ in range(NUM_HOST_BATCHES)
     ]
-    p_train_step = parallel.train_step(devices)
+    log(f"Compiling the train step for {num_devices} device(s)...")
+    start = time.perf_counter()
+    # Compiled ahead of time, so XLA's memory plan for the step can be read on every backend.
+    p_train_step = (
+        parallel.train_step(devices)
+        .lower(state, parallel.shard(host_batches[0], num_devices), carry, True)
+        .compile()
+    )
+    scratch_bytes = p_train_step.memory_analysis().temp_size_in_bytes
     steps_done = 0
 
     def run_steps(count: int) -> None:
@@ -274,8 +290,6 @@ def measure_training(
             steps_done += 1
         _block((state, carry))
 
-    log(f"Compiling the train step for {num_devices} device(s)...")
-    start = time.perf_counter()
     run_steps(1)
     compile_seconds = time.perf_counter() - start
     run_steps(options.warmup_steps)
@@ -314,6 +328,7 @@ def measure_training(
         "window_seconds": window_seconds,
         "window_chars_per_second": [chars_per_window / s for s in window_seconds],
         "peak_memory_bytes": max(peak_bytes) if peak_bytes and None not in peak_bytes else None,
+        "step_scratch_bytes": scratch_bytes,
     }
     peer_numbers = None
     if peer_trainer is not None:
@@ -451,6 +466,7 @@ def run_benchmark(
             "batch": options.batch,
             "seq_len": options.seq_len,
             "dtype": options.dtype,
+            "remat": options.remat,
             "parameters": count_params(params),
         },
         "settings": {
@@ -490,13 +506,15 @@ def format_table(results: dict[str, Any]) -> str:
         (
             "model",
             f"{sizes['num_layers']}x{sizes['hidden']} LSTM, embed {sizes['embed_dim']}, "
-            f"vocab {sizes['vocab_size']}, {sizes['parameters']:,} parameters, {sizes['dtype']}",
+            f"vocab {sizes['vocab_size']}, {sizes['parameters']:,} parameters, {sizes['dtype']}"
+            + (", --remat" if sizes["remat"] else ""),
         ),
         ("batch", f"{sizes['batch']} x {sizes['seq_len']} characters"),
         ("train compile (first call)", f"{train['compile_seconds']:.2f} s"),
         ("train chars/s (median)", f"{train['chars_per_second']:,.0f}"),
         ("train step time (median)", f"{train['step_seconds'] * 1e3:.2f} ms"),
         ("peak device memory", "n/a" if peak_memory is None else _si(peak_memory, "B")),
+        ("train step scratch memory (XLA)", _si(train["step_scratch_bytes"], "B")),
         ("model FLOPs per char", f"{train['flops_per_char']:,}"),
         ("achieved", _si(train["flops_per_second"], "FLOP/s")),
         (
@@ -546,6 +564,7 @@ def bench_options_from_flags() -> BenchOptions:
         matmul_size=_MATMUL_SIZE.value,
         compare=_COMPARE.value,
         devices=_DEVICES.value,
+        remat=_REMAT.value,
     )
 
 
