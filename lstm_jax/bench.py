@@ -273,13 +273,15 @@ def measure_training(
     ]
     log(f"Compiling the train step for {num_devices} device(s)...")
     start = time.perf_counter()
-    # Compiled ahead of time, so XLA's memory plan for the step can be read on every backend.
+    # Compiled ahead of time, so that XLA's memory plan for the step can be read (also on CPU,
+    # where the device reports no memory statistics).
     p_train_step = (
         parallel.train_step(devices)
         .lower(state, parallel.shard(host_batches[0], num_devices), carry, True)
         .compile()
     )
-    scratch_bytes = p_train_step.memory_analysis().temp_size_in_bytes
+    memory_plan = p_train_step.memory_analysis()  # None where the backend does not report it.
+    scratch_bytes = None if memory_plan is None else memory_plan.temp_size_in_bytes
     steps_done = 0
 
     def run_steps(count: int) -> None:
@@ -499,7 +501,7 @@ def _si(value: float, unit: str) -> str:
 def format_table(results: dict[str, Any]) -> str:
     """The run's headline numbers as an aligned two-column table."""
     sizes, train, matmul = results["sizes"], results["train"], results["matmul"]
-    peak_memory = train["peak_memory_bytes"]
+    peak_memory, scratch = train["peak_memory_bytes"], train["step_scratch_bytes"]
     rows = [
         ("device", f"{results['device_kind']} x{results['num_devices']} ({results['platform']})"),
         ("jax", results["jax_version"]),
@@ -514,7 +516,10 @@ def format_table(results: dict[str, Any]) -> str:
         ("train chars/s (median)", f"{train['chars_per_second']:,.0f}"),
         ("train step time (median)", f"{train['step_seconds'] * 1e3:.2f} ms"),
         ("peak device memory", "n/a" if peak_memory is None else _si(peak_memory, "B")),
-        ("train step scratch memory (XLA)", _si(train["step_scratch_bytes"], "B")),
+        (
+            "train step scratch memory (XLA)",
+            "n/a" if scratch is None else _si(scratch, "B"),
+        ),
         ("model FLOPs per char", f"{train['flops_per_char']:,}"),
         ("achieved", _si(train["flops_per_second"], "FLOP/s")),
         (
