@@ -1,9 +1,15 @@
-"""Checkpoints: a small layer over an Orbax `CheckpointManager` in `WORKDIR/checkpoints`.
+"""Checkpoints: a small layer over an Orbax `CheckpointManager` in `WORKDIR/checkpoints`, and
+resuming from them (the newest usable step; damaged ones set aside; other settings refused).
 
-Each step holds four items: `params`, `opt_state`, `carry` (the LSTM state carried between
-batches, as [global_batch, hidden] arrays so it does not depend on the device count) and `meta`,
-a JSON document with the vocabulary, the run settings, the validation loss and the loop's
-bookkeeping. The sampler restores only `params` and `meta`. Nothing is unpickled.
+Each step holds three items: `state`, the whole `TrainState` (step, parameters, optimizer state,
+dropout key, and whatever fields it gains) restored into an abstract state of the current run;
+`carry` (the recurrent state carried between batches, as [global_batch, ...] arrays so it does
+not depend on the device count); and `meta`, a JSON document with the vocabulary, the run
+settings, the validation loss and the loop's bookkeeping. The sampler restores only the
+parameters and `meta`. Nothing is unpickled.
+
+Checkpoints written before the state was one item hold `params` and `opt_state` instead; they
+restore into the same `TrainState`, with the dropout key the run's seed gives (as it did then).
 
 A workdir may be local or on `gs://` (Orbax writes arrays there through tensorstore; folders
 go through `etils.epath`, which needs `gcsfs`). In a multi-process job every process calls
@@ -21,12 +27,16 @@ from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
+from absl import logging
 from etils import epath
 from orbax.checkpoint import checkpoint_managers as policies
 
+from lstm_jax import distributed
+from lstm_jax.config import complete_settings
 from lstm_jax.errors import UserError
 
-ITEMS = ("params", "opt_state", "carry", "meta")
+ITEMS = ("state", "carry", "meta")
+LEGACY_ITEMS = ("params", "opt_state")  # The state, as checkpoints before 2026-11 held it.
 
 
 def workdir_path(workdir: str | os.PathLike) -> epath.Path:
@@ -59,7 +69,9 @@ class Checkpoints:
             ),
             enable_async_checkpointing=True,
         )
-        self._manager = ocp.CheckpointManager(self.directory, item_names=ITEMS, options=options)
+        self._manager = ocp.CheckpointManager(
+            self.directory, item_names=ITEMS + LEGACY_ITEMS, options=options
+        )
 
     # --- Reading ---
 
@@ -109,36 +121,68 @@ class Checkpoints:
         restored = self._manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
         return restored["meta"]
 
+    def _is_legacy(self, step: int) -> bool:
+        return not (self.directory / str(step) / "state").exists()
+
     def restore_params(self, step: int, abstract_params: Any) -> Any:
-        restored = self._manager.restore(
-            step, args=ocp.args.Composite(params=ocp.args.StandardRestore(abstract_params))
+        """Only the parameters, into the shapes and shardings of `abstract_params`."""
+        if self._is_legacy(step):
+            restored = self._manager.restore(
+                step, args=ocp.args.Composite(params=ocp.args.StandardRestore(abstract_params))
+            )
+            return restored["params"]
+        restore_args = jax.tree.map(
+            lambda x: ocp.ArrayRestoreArgs(sharding=x.sharding, dtype=x.dtype), abstract_params
+        )
+        restored = ocp.PyTreeCheckpointer().restore(
+            (self.directory / str(step) / "state").as_posix(),
+            args=ocp.args.PyTreeRestore(
+                item={"params": abstract_params},
+                restore_args={"params": restore_args},
+                partial_restore=True,
+            ),
         )
         return restored["params"]
 
-    def restore(self, step: int, abstract: dict[str, Any]) -> dict[str, Any]:
-        """Restore params, opt_state and carry into the shapes and shardings of `abstract`."""
-        args = {name: ocp.args.StandardRestore(tree) for name, tree in abstract.items()}
-        args["meta"] = ocp.args.JsonRestore()
-        return dict(self._manager.restore(step, args=ocp.args.Composite(**args)))
+    def restore(self, step: int, state: Any, abstract_carry: Any) -> tuple[Any, Any]:
+        """The train state and carry of `step`, shaped and placed like `state` (a concrete or
+        abstract TrainState) and `abstract_carry`."""
+        abstract = abstract_like_tree(state)
+        if self._is_legacy(step):
+            restored = self._manager.restore(
+                step,
+                args=ocp.args.Composite(
+                    params=ocp.args.StandardRestore(abstract.params),
+                    opt_state=ocp.args.StandardRestore(abstract.opt_state),
+                    carry=ocp.args.StandardRestore(abstract_carry),
+                ),
+            )
+            step_array = jax.device_put(
+                jax.numpy.asarray(step, jax.numpy.int32), state.step.sharding
+            )
+            restored_state = state.replace(
+                step=step_array, params=restored["params"], opt_state=restored["opt_state"]
+            )
+            return restored_state, restored["carry"]
+        restored = self._manager.restore(
+            step,
+            args=ocp.args.Composite(
+                state=ocp.args.StandardRestore(abstract),
+                carry=ocp.args.StandardRestore(abstract_carry),
+            ),
+        )
+        return restored["state"], restored["carry"]
 
     # --- Writing ---
 
     def save(
-        self,
-        step: int,
-        *,
-        params: Any,
-        opt_state: Any,
-        carry: Any,
-        meta: dict[str, Any],
-        val_loss: float,
+        self, step: int, *, state: Any, carry: Any, meta: dict[str, Any], val_loss: float
     ) -> None:
         """Start an asynchronous save; `wait()` before reading it back or exiting."""
         self._manager.save(
             step,
             args=ocp.args.Composite(
-                params=ocp.args.StandardSave(params),
-                opt_state=ocp.args.StandardSave(opt_state),
+                state=ocp.args.StandardSave(state),
                 carry=ocp.args.StandardSave(carry),
                 meta=ocp.args.JsonSave(meta),
             ),
@@ -156,3 +200,102 @@ class Checkpoints:
 def abstract_like(tree: Any, sharding: jax.sharding.Sharding | None = None) -> Any:
     """Shapes and dtypes of `tree`, placed with `sharding`: the target for a restore."""
     return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), tree)
+
+
+def abstract_like_tree(tree: Any) -> Any:
+    """Shapes, dtypes and shardings of a tree of arrays, each leaf placed as it is now."""
+    return jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None)),
+        tree,
+    )
+
+
+# --- Resuming --------------------------------------------------------------------------------
+
+
+def open_checkpoints(workdir: epath.Path, *, keep: int, restart: bool, log) -> Checkpoints:
+    """The run's checkpoints; with `restart`, the old ones are first renamed out of the way."""
+    if restart:
+        directory = checkpoint_dir(workdir)
+        if directory.exists() and jax.process_index() == 0:
+            aside = directory.with_name(f"checkpoints.discarded-{time.strftime('%Y%m%d-%H%M%S')}")
+            directory.rename(aside)
+            log(f"--restart: moved the old checkpoints to {aside}.")
+        # No process may list the folder before process 0 has moved it.
+        distributed.barrier("lstm_jax.restart")
+    return Checkpoints(workdir, keep=keep)
+
+
+def settings_mismatch(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
+    keys = sorted(set(saved) | set(current))
+    return [
+        f"{k} {saved.get(k)!r} (saved) vs {current.get(k)!r} (now)"
+        for k in keys
+        if saved.get(k) != current.get(k)
+    ]
+
+
+def restore_latest_usable(
+    checkpoints: Checkpoints,
+    state: Any,
+    abstract_carry: Any,
+    settings: dict[str, Any],
+    vocab_chars: str,
+) -> tuple[int, Any, Any, dict[str, Any]] | None:
+    """(step, state, carry, meta) of the newest checkpoint that reads back whole, after checking
+    it is this run's model; None when there is none.
+
+    Unfinished saves are removed with a warning; a checkpoint that fails to read (truncated or
+    missing files) is set aside with a warning and the next older one is tried.
+    """
+    for folder in checkpoints.incomplete():
+        logging.warning(
+            "Removing the unfinished save %s (the process died while writing it).", folder
+        )
+        if jax.process_index() == 0:
+            folder.rmtree(missing_ok=True)
+    steps = sorted(checkpoints.steps(), reverse=True)
+    for step in steps:
+        try:
+            meta = checkpoints.read_meta(step)
+        except Exception as e:  # noqa: BLE001 - any failure to read means: not usable.
+            _skip_unreadable(checkpoints, step, e)
+            continue
+        differences = settings_mismatch(complete_settings(meta["settings"]), settings)
+        if meta["vocab"] != vocab_chars:
+            differences.append(
+                f"vocabulary of {len(meta['vocab'])} characters (saved) vs {len(vocab_chars)} (now)"
+            )
+        if differences:
+            raise UserError(
+                f"{checkpoints.directory.parent} holds a run with other settings: "
+                f"{'; '.join(differences)}. Use a new --workdir, or --restart to set the old "
+                "checkpoints aside."
+            )
+        try:
+            return (step, *checkpoints.restore(step, state, abstract_carry), meta)
+        except Exception as e:  # noqa: BLE001
+            if "structures do not match" in str(e):  # Not damage: another model's tree.
+                raise UserError(
+                    f"Checkpoint {checkpoints.directory}/{step} holds parameters or optimizer "
+                    "state of another shape; use a new --workdir, or --restart to set it aside."
+                ) from None
+            _skip_unreadable(checkpoints, step, e)
+    if steps:
+        raise UserError(
+            f"No checkpoint in {checkpoints.directory} could be read (steps {steps} were set "
+            "aside); pass --restart to train from scratch."
+        )
+    return None
+
+
+def _skip_unreadable(checkpoints: Checkpoints, step: int, error: Exception) -> None:
+    reason = f"{type(error).__name__}: {str(error).splitlines()[0][:200] if str(error) else ''}"
+    aside = checkpoints.set_aside(step) if jax.process_index() == 0 else None
+    logging.warning(
+        "Checkpoint %s/%d is unreadable (%s); moved it to %s and trying an older one.",
+        checkpoints.directory,
+        step,
+        reason,
+        aside,
+    )

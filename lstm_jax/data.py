@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from lstm_jax.config import Config
+from lstm_jax.config import DataConfig
 from lstm_jax.errors import UserError
 
 MAX_DOWNLOAD_BYTES = 64 * 1024 * 1024  # A Gutenberg book is a few MB; refuse anything huge.
@@ -124,7 +124,7 @@ def strip_gutenberg(text: str) -> tuple[str, bool]:
     return text[start.end() : end.start()].strip("\r\n") + "\n", True
 
 
-def load_corpus(config: Config) -> tuple[str, str]:
+def load_corpus(config: DataConfig) -> tuple[str, str]:
     """The text to train on (stripped, lower-cased if asked) and a note on where it came from."""
     if config.data_path:
         path = Path(config.data_path)

@@ -17,17 +17,37 @@ Modes (`--distributed`):
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import os
 
 import jax
 from absl import logging
 
+from lstm_jax.config import setting
 from lstm_jax.errors import UsageError, UserError
 
 MODES = ("auto", "on", "off")
 # GKE's TPU node pools set these; a Cloud TPU VM has libtpu (from `jax[tpu]`) instead.
 _TPU_ENV_VARS = ("TPU_WORKER_HOSTNAMES", "TPU_PROCESS_ADDRESSES")
+
+
+@dataclasses.dataclass(frozen=True)
+class DistributedOptions:
+    """multi-host: where this process is in the job (every host runs the same command)"""
+
+    distributed: str = setting(
+        "auto",
+        "Join a multi-process job with jax.distributed. auto: with --coordinator_address, or "
+        "on a Cloud TPU VM (detected); on: always (JAX detects Cloud TPU, Slurm, Open MPI); "
+        "off: never.",
+        choices=MODES,
+    )
+    coordinator_address: str = setting(
+        "", "HOST:PORT of process 0, for clusters JAX does not detect (and tests). Empty: detect."
+    )
+    num_processes: int = setting(0, "Processes in the job, with --coordinator_address. 0: detect.")
+    process_id: int = setting(-1, "This process's index in [0, --num_processes). -1: detect.")
 
 
 def on_cloud_tpu() -> bool:
@@ -37,16 +57,13 @@ def on_cloud_tpu() -> bool:
     )
 
 
-def initialize(
-    mode: str = "auto",
-    coordinator_address: str = "",
-    num_processes: int = 0,
-    process_id: int = -1,
-) -> bool:
+def initialize(options: DistributedOptions = DistributedOptions()) -> bool:
     """Join the multi-process job described by the flags; True if this process joined one.
 
     `num_processes=0` and `process_id=-1` mean "not given" (JAX detects them on Cloud TPU).
     """
+    mode, coordinator_address = options.distributed, options.coordinator_address
+    num_processes, process_id = options.num_processes, options.process_id
     if mode not in MODES:
         raise UsageError(f"--distributed must be one of {', '.join(MODES)}, got {mode!r}.")
     explicit = bool(coordinator_address) or num_processes > 0 or process_id >= 0

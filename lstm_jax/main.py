@@ -3,10 +3,9 @@
     python -m lstm_jax.main --hidden=512
     python -m lstm_jax.main --flagfile=experiments/smoke.flags --workdir=/tmp/smoke
 
-On a TPU pod every host runs the same command (launch/tpu.sh); `launch/local.sh 2 ...` runs
-it as 2 processes on one machine.
-
-Intentionally short: the logic lives in `lstm_jax.train`, which tests call with a `Config`.
+Running the same command again resumes from the workdir. On a TPU pod every host runs the same
+command (launch/tpu.sh); `launch/local.sh 2 ...` runs it as 2 processes on one machine.
+Intentionally short: the loop lives in `lstm_jax.train`, which tests call with a `Config`.
 """
 
 from __future__ import annotations
@@ -15,17 +14,18 @@ import jax
 from absl import logging
 
 from lstm_jax import checkpoint, cli, distributed, train
+from lstm_jax.config import Config
+from lstm_jax.distributed import DistributedOptions
 
 
 def main(argv: list[str]) -> None:
     logging.set_verbosity(logging.INFO)
     with cli.user_errors():
         cli.refuse_positional_arguments(argv)
-        cli.refuse_sampling_only_flags()
-        config = cli.config_from_flags()
+        config = cli.read_flags(Config)
         config.validate()
         # Before anything touches a device: JAX refuses to join a job after that.
-        distributed.initialize(**cli.distributed_options())
+        distributed.initialize(cli.read_flags(DistributedOptions))
         if jax.process_index() != 0:
             logging.set_verbosity(logging.WARNING)  # One voice per job; warnings from all.
         logging.info(
@@ -37,12 +37,12 @@ def main(argv: list[str]) -> None:
             jax.device_count(),
             jax.local_devices()[0].device_kind,
         )
-        workdir = checkpoint.workdir_path(config.workdir)  # Local or gs://.
+        workdir = checkpoint.workdir_path(config.loop.workdir)  # Local or gs://.
         if jax.process_index() == 0:
             workdir.mkdir(parents=True, exist_ok=True)
-            (workdir / "flags.txt").write_text(cli.flagfile_text())
+            (workdir / "flags.txt").write_text(cli.flagfile_text(Config))
         train.train_and_evaluate(config)
 
 
 if __name__ == "__main__":
-    cli.run(main)
+    cli.run(main, [Config, DistributedOptions])

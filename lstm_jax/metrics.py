@@ -83,3 +83,64 @@ class TensorBoardWriter:
 
     def close(self) -> None:
         self._writer.close()
+
+
+# --- Summaries and timing for the training loop -------------------------------------------
+
+
+def summarise(step_metrics: list[dict[str, float]]) -> dict[str, float]:
+    """Host-side metric sums of several steps -> means: every `NAME_sum` divided by the total
+    `count`, as `NAME`. A step adds a metric with one line: `metrics["NAME_sum"] = ...`."""
+    count = sum(float(m["count"]) for m in step_metrics)
+    return {
+        name.removesuffix("_sum"): sum(float(m[name]) for m in step_metrics) / count
+        for name in step_metrics[0]
+        if name.endswith("_sum")
+    }
+
+
+def every(step: int, period: int, *, last: bool = False) -> bool:
+    """Whether a periodic action runs after `step`: every `period` steps (0: never), and at the
+    last step where `last` says so."""
+    return last or (period > 0 and step % period == 0)
+
+
+class Timer:
+    """The loop's clocks: wall time of the whole run (resumes summed), and training time,
+    which leaves out compiling and side work (evaluation, checkpoints, samples).
+
+    `pause()` / `resume()` bracket side work; `window()` returns the training seconds since the
+    last call, for chars/s.
+    """
+
+    def __init__(self, earlier_wall_seconds: float = 0.0, earlier_train_seconds: float = 0.0):
+        self._start = time.perf_counter()
+        self._earlier_wall = earlier_wall_seconds
+        self.train_seconds = earlier_train_seconds
+        self._window_start = self._start
+        self._paused_at: float | None = None
+        self._excluded = 0.0
+
+    def wall_seconds(self) -> float:
+        """Wall-clock time of the run so far, compiling and evaluating included."""
+        return self._earlier_wall + time.perf_counter() - self._start
+
+    def restart_window(self) -> None:
+        """Start a new window now, discarding the time since the last one (the compile)."""
+        self._window_start, self._excluded = time.perf_counter(), 0.0
+
+    def window(self) -> float:
+        """Training seconds since the last window, side work left out; starts the next one."""
+        now = time.perf_counter()
+        seconds = now - self._window_start - self._excluded
+        self.train_seconds += seconds
+        self._window_start, self._excluded = now, 0.0
+        return seconds
+
+    def pause(self) -> None:
+        self._paused_at = time.perf_counter()
+
+    def resume(self) -> None:
+        if self._paused_at is not None:
+            self._excluded += time.perf_counter() - self._paused_at
+            self._paused_at = None

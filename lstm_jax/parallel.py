@@ -24,7 +24,7 @@ import numpy as np
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from lstm_jax import train
+from lstm_jax import steps
 
 AXIS = "devices"
 
@@ -88,7 +88,7 @@ def unshard(x: Any) -> np.ndarray:
 def train_step(devices: Sequence[jax.Device]) -> Callable:
     """(state, batch[d, b, t+1], carry[d, ...], reset) -> (state, carry[d, ...], metrics)."""
     return jax.pmap(
-        functools.partial(train.train_step, axis_name=AXIS),
+        functools.partial(steps.train_step, axis_name=AXIS),
         axis_name=AXIS,
         in_axes=(None, 0, 0, None),
         out_axes=(None, 0, None),
@@ -99,7 +99,7 @@ def train_step(devices: Sequence[jax.Device]) -> Callable:
 def eval_step(apply_fn: Callable, devices: Sequence[jax.Device]) -> Callable:
     """(params, carry[d, ...], inputs, targets, weights) -> (carry[d, ...], metric sums)."""
     return jax.pmap(
-        functools.partial(train.eval_step, apply_fn=apply_fn, axis_name=AXIS),
+        functools.partial(steps.eval_step, apply_fn=apply_fn, axis_name=AXIS),
         axis_name=AXIS,
         in_axes=(None, 0, 0, 0, 0),
         out_axes=(0, None),

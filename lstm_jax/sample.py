@@ -1,127 +1,58 @@
-"""Text generation: a jitted sampler, and the `python -m lstm_jax.sample` command.
+"""Generate text from a trained run: `python -m lstm_jax.sample`.
 
-`generate` feeds the prompt through the model, then draws `length` characters with
-`jax.lax.scan` on the device (no Python loop per character), for a batch of samples at once.
-Temperature 0 is greedy argmax; `top_k` keeps only the k most likely characters.
-
-    python -m lstm_jax.sample --workdir=runs/dracula_2x512 --prompt="Jonathan" \
+    python -m lstm_jax.sample --workdir=runs/dracula_2x512 --prompt="Jonathan" \\
         --length=500 --temperature=0.8 --checkpoint=best --num_samples=3
+
+The model (its settings, vocabulary and parameters) comes from the checkpoint; the sampler
+itself is `lstm_jax.generate`.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import sys
 
 import jax
-import jax.numpy as jnp
-import numpy as np
 
-from lstm_jax.data import Vocab
-from lstm_jax.errors import UsageError, UserError
-from lstm_jax.models import CharLSTM
+from lstm_jax import cli
+from lstm_jax.config import SampleConfig, section, setting
 
 
-def _next_token(logits: jax.Array, key: jax.Array, temperature: jax.Array, top_k: int) -> jax.Array:
-    if top_k:
-        kth_largest = jax.lax.top_k(logits, top_k)[0][..., -1:]
-        logits = jnp.where(logits < kth_largest, -jnp.inf, logits)
-    greedy = jnp.argmax(logits, axis=-1)
-    # Dividing by a tiny temperature instead of 0 keeps the sampled branch finite.
-    sampled = jax.random.categorical(key, logits / jnp.maximum(temperature, 1e-6), axis=-1)
-    return jnp.where(temperature > 0, sampled, greedy).astype(jnp.int32)
+@dataclasses.dataclass(frozen=True)
+class SampleOptions:
+    """sampling: which checkpoint, how many samples, how they are drawn"""
 
-
-@functools.partial(jax.jit, static_argnames=("model", "length", "top_k"))
-def generate(
-    model: CharLSTM,
-    params,
-    prompt_ids: jax.Array,
-    key: jax.Array,
-    temperature: float | jax.Array = 1.0,
-    *,
-    length: int,
-    top_k: int = 0,
-) -> jax.Array:
-    """int32 prompt [batch, prompt_len >= 1] -> int32 continuation [batch, length]."""
-    batch = prompt_ids.shape[0]
-    carry = model.initialize_carry(batch)
-    if prompt_ids.shape[1] > 1:
-        carry, _ = model.apply({"params": params}, carry, prompt_ids[:, :-1])
-    temperature = jnp.asarray(temperature, jnp.float32)
-
-    def step(state, step_key):
-        carry, token = state
-        carry, logits = model.apply({"params": params}, carry, token[:, None])
-        token = _next_token(logits[:, 0], step_key, temperature, top_k)
-        return (carry, token), token
-
-    _, tokens = jax.lax.scan(step, (carry, prompt_ids[:, -1]), jax.random.split(key, length))
-    return tokens.T
-
-
-def encode_prompt(vocab: Vocab, prompt: str, unknown: str = "error") -> np.ndarray:
-    """The prompt's ids; characters outside the vocabulary are an error or dropped (`unknown`)."""
-    missing = vocab.unknown(prompt)
-    if missing and unknown == "error":
-        shown = ", ".join(repr(c) for c in missing)
-        raise UserError(
-            f"The prompt has characters the model never saw: {shown}; change the prompt or "
-            "pass --unknown=skip to drop them."
-        )
-    prompt = "".join(c for c in prompt if c not in missing)
-    if not prompt:
-        prompt = "\n" if "\n" in vocab.chars else vocab.chars[0]
-    return vocab.encode(prompt)
-
-
-def sample_text(
-    model: CharLSTM,
-    params,
-    vocab: Vocab,
-    prompt: str,
-    *,
-    length: int,
-    temperature: float,
-    top_k: int = 0,
-    num_samples: int = 1,
-    seed: int = 0,
-    unknown: str = "error",
-) -> list[str]:
-    """Generate `num_samples` continuations of `prompt` and return them as text."""
-    ids = encode_prompt(vocab, prompt, unknown)
-    prompt_ids = jnp.asarray(np.tile(ids, (num_samples, 1)))
-    tokens = generate(
-        model, params, prompt_ids, jax.random.key(seed), temperature, length=length, top_k=top_k
+    workdir: str = setting("runs/default", "Run folder of the model to sample from.")
+    checkpoint: str = setting("best", "Checkpoint to sample from: latest, best or a step number.")
+    seed: int = setting(0, "Seed of the random draws: the same seed gives the same text.")
+    top_k: int = setting(0, "Sample from the k most likely characters; 0: all.")
+    num_samples: int = setting(1, "Samples to generate at once.")
+    unknown: str = setting(
+        "error",
+        "Prompt characters outside the vocabulary: stop with an error, or skip them.",
+        choices=("error", "skip"),
     )
-    return [vocab.decode(row) for row in np.asarray(tokens)]
-
-
-def check_sampling_args(length: int, temperature: float, top_k: int, vocab_size: int) -> None:
-    if length <= 0:
-        raise UsageError(f"--length must be positive, got {length}.")
-    if temperature < 0:
-        raise UsageError(f"--temperature must be >= 0 (0 is greedy), got {temperature}.")
-    if top_k and not 1 <= top_k <= vocab_size:
-        raise UsageError(f"--top_k must be 0 (off) or in [1, {vocab_size}], got {top_k}.")
+    sample: SampleConfig = section(SampleConfig)
 
 
 def main(argv: list[str]) -> None:
-    from lstm_jax import cli  # Flags are read only by the command-line modules.
-
     with cli.user_errors():
         cli.refuse_positional_arguments(argv)
-        options = cli.sample_options()
+        options = cli.read_flags(SampleOptions)
         from lstm_jax.checkpoint import Checkpoints, abstract_like
-        from lstm_jax.config import complete_settings
+        from lstm_jax.data import Vocab
+        from lstm_jax.generate import check_sampling_args, sample_text
         from lstm_jax.models import init_params, model_from_settings
 
-        checkpoints = Checkpoints(options["workdir"], read_only=True)
-        step = checkpoints.resolve(options["checkpoint"])
+        checkpoints = Checkpoints(options.workdir, read_only=True)
+        step = checkpoints.resolve(options.checkpoint)
         meta = checkpoints.read_meta(step)
-        cli.refuse_model_flags_unlike(complete_settings(meta["settings"]))
         vocab = Vocab(meta["vocab"])
-        check_sampling_args(options["length"], options["temperature"], options["top_k"], vocab.size)
+        text_options = options.sample
+        check_sampling_args(
+            text_options.length, text_options.temperature, options.top_k, vocab.size
+        )
         model = model_from_settings(meta["settings"], vocab.size)
         abstract = jax.eval_shape(functools.partial(init_params, model), jax.random.key(0))
         device = jax.local_devices()[0]
@@ -132,13 +63,13 @@ def main(argv: list[str]) -> None:
             model,
             params,
             vocab,
-            options["prompt"],
-            length=options["length"],
-            temperature=options["temperature"],
-            top_k=options["top_k"],
-            num_samples=options["num_samples"],
-            seed=options["seed"],
-            unknown=options["unknown"],
+            text_options.prompt,
+            length=text_options.length,
+            temperature=text_options.temperature,
+            top_k=options.top_k,
+            num_samples=options.num_samples,
+            seed=options.seed,
+            unknown=options.unknown,
         )
         print(
             f"# step {step}, validation {meta.get('val_bpc', float('nan')):.3f} bpc",
@@ -147,10 +78,8 @@ def main(argv: list[str]) -> None:
         for i, text in enumerate(texts):
             if len(texts) > 1:
                 print(f"--- sample {i + 1} ---")
-            print(options["prompt"] + text)
+            print(text_options.prompt + text)
 
 
 if __name__ == "__main__":
-    from lstm_jax import cli
-
-    cli.run(main)
+    cli.run(main, [SampleOptions])

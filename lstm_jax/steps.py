@@ -1,0 +1,157 @@
+"""The pure, device-agnostic parts of training: the train state, the optimizer and its schedule,
+`init_state`, and the `train_step` / `eval_step` functions.
+
+The steps know nothing about devices: a step that runs data parallel takes `axis_name` and
+averages gradients and sums metrics over it; `lstm_jax.parallel` decides how it is mapped.
+A step returns its metrics as sums plus a `count` (characters), so the loop summarises any new
+metric generically: add `"name_sum": value * count` in the step and `name` appears in the log
+and in metrics.jsonl.
+
+A new training idea (an EMA of the parameters, say) is a `TrainState` field plus a few lines in
+`train_step`; the checkpoint saves the whole state, so it is saved and resumed with it.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax.training import train_state
+
+from lstm_jax.config import Config, OptimConfig
+from lstm_jax.models import Carry, CharLSTM, build_model, init_params
+
+Metrics = dict[str, jax.Array]
+
+
+class TrainState(train_state.TrainState):
+    """Flax's TrainState plus the key that dropout masks are folded from (with the step).
+
+    The key is kept as raw key data (uint32), so the whole state is plain arrays: one
+    checkpoint item.
+    """
+
+    dropout_key: jax.Array
+
+
+def learning_rate_schedule(optim: OptimConfig, total_steps: int) -> optax.Schedule:
+    """Linear warm-up from 0, then constant or cosine decay to 10% of the peak at `total_steps`."""
+    warmup = min(optim.warmup_steps, max(total_steps - 1, 0))
+    if optim.schedule == "cosine":
+        return optax.warmup_cosine_decay_schedule(
+            init_value=0.0,
+            peak_value=optim.learning_rate,
+            warmup_steps=warmup,
+            decay_steps=max(total_steps, warmup + 1),
+            end_value=0.1 * optim.learning_rate,
+        )
+    return optax.join_schedules(
+        [
+            optax.linear_schedule(0.0, optim.learning_rate, max(warmup, 1)),
+            optax.constant_schedule(optim.learning_rate),
+        ],
+        [max(warmup, 1)],
+    )
+
+
+def make_optimizer(optim: OptimConfig, total_steps: int) -> optax.GradientTransformation:
+    schedule = learning_rate_schedule(optim, total_steps)
+    if optim.optimizer == "adamw":
+        update = optax.adamw(schedule, weight_decay=optim.weight_decay)
+    else:
+        update = optax.adam(schedule)
+    if optim.grad_clip > 0:
+        return optax.chain(optax.clip_by_global_norm(optim.grad_clip), update)
+    return update
+
+
+def create_train_state(
+    model: CharLSTM, params: Any, optim: OptimConfig, total_steps: int, dropout_key: jax.Array
+) -> TrainState:
+    return TrainState.create(
+        apply_fn=model.apply,
+        params=params,
+        tx=make_optimizer(optim, total_steps),
+        dropout_key=jax.random.key_data(dropout_key),
+    )
+
+
+def init_state(config: Config, vocab_size: int, total_steps: int) -> tuple[CharLSTM, TrainState]:
+    """The model and its fresh train state, from the run's seed: the one way a run starts."""
+    model = build_model(config, vocab_size)
+    init_key, dropout_key = jax.random.split(jax.random.key(config.data.seed))
+    params = init_params(model, init_key)
+    return model, create_train_state(model, params, config.optim, total_steps, dropout_key)
+
+
+def total_steps(config: Config, steps_per_epoch: int) -> int:
+    """--num_steps, or --num_epochs passes over the text (a fraction rounds up)."""
+    return config.optim.num_steps or max(1, math.ceil(config.optim.num_epochs * steps_per_epoch))
+
+
+def reset_carry(carry: Carry, reset: jax.Array) -> Carry:
+    return jax.tree.map(lambda c: jnp.where(reset, jnp.zeros_like(c), c), carry)
+
+
+def train_step(
+    state: TrainState,
+    batch: jax.Array,
+    carry: Carry,
+    reset: jax.Array,
+    *,
+    axis_name: str | None = None,
+) -> tuple[TrainState, Carry, Metrics]:
+    """One optimizer step on int32 `batch` [batch, seq_len + 1].
+
+    `carry` is the recurrent state left by the previous step; `reset` (a boolean scalar) zeroes
+    it first, at the start of an epoch or when batches are independent windows. Returns the new
+    state, the carry to feed the next step, and metric sums with their `count`.
+    """
+    inputs, targets = batch[:, :-1], batch[:, 1:]
+    carry = reset_carry(carry, reset)
+    dropout_key = jax.random.fold_in(jax.random.wrap_key_data(state.dropout_key), state.step)
+    if axis_name is not None:
+        dropout_key = jax.random.fold_in(dropout_key, jax.lax.axis_index(axis_name))
+
+    def loss_fn(params):
+        new_carry, logits = state.apply_fn(
+            {"params": params}, carry, inputs, deterministic=False, rngs={"dropout": dropout_key}
+        )
+        losses = optax.softmax_cross_entropy_with_integer_labels(logits, targets)
+        return losses.mean(), (new_carry, losses.sum())
+
+    (_, (new_carry, loss_sum)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    metrics = {"loss_sum": loss_sum, "count": jnp.asarray(targets.size, jnp.float32)}
+    if axis_name is not None:
+        grads = jax.lax.pmean(grads, axis_name)
+        metrics = jax.lax.psum(metrics, axis_name)
+    # Weighted by the count like every metric, so its summary is the mean over steps.
+    metrics["grad_norm_sum"] = optax.tree.norm(grads) * metrics["count"]
+    return state.apply_gradients(grads=grads), new_carry, metrics
+
+
+def eval_step(
+    params: Any,
+    carry: Carry,
+    inputs: jax.Array,
+    targets: jax.Array,
+    weights: jax.Array,
+    *,
+    apply_fn: Callable,
+    axis_name: str | None = None,
+) -> tuple[Carry, Metrics]:
+    """Weighted loss sums over one chunk of the evaluation streams; returns the carry onwards."""
+    new_carry, logits = apply_fn({"params": params}, carry, inputs)
+    losses = optax.softmax_cross_entropy_with_integer_labels(logits, targets) * weights
+    metrics = {"loss_sum": losses.sum(), "count": weights.sum()}
+    if axis_name is not None:
+        metrics = jax.lax.psum(metrics, axis_name)
+    return new_carry, metrics
+
+
+def bits_per_char(loss_nats: float) -> float:
+    return loss_nats / math.log(2)
