@@ -37,7 +37,7 @@ def dracula_path(tmp_path_factory) -> Path:
 
     config = Config()
     try:
-        return download(config.data_url, Path(config.data_dir).expanduser(), timeout=20)
+        return download(config.data.data_url, Path(config.data.data_dir).expanduser(), timeout=20)
     except (UserError, urllib.error.URLError) as e:
         pytest.skip(f"no Dracula text: set ${DRACULA_ENV} or go online to download it ({e})")
 
@@ -73,7 +73,7 @@ def tiny_config(small_text_path, tmp_path):
     """A model small enough that a step takes milliseconds; quiet loop, no periodic saves."""
     from lstm_jax.config import Config
 
-    return Config(
+    return Config.create(
         data_path=str(small_text_path),
         workdir=str(tmp_path / "run"),
         embed_dim=8,
@@ -87,7 +87,7 @@ def tiny_config(small_text_path, tmp_path):
         log_every=4,
         eval_every=1000,
         checkpoint_every=1000,
-        sample_length=20,
+        length=20,
     )
 
 

@@ -81,7 +81,7 @@ def test_restart_sets_old_checkpoints_aside_and_trains_anew(tiny_config, tmp_pat
     devices = jax.local_devices()[:1]
     train_and_evaluate(tiny_config, devices=devices)
     result = train_and_evaluate(tiny_config.replace(hidden=32, restart=True), devices=devices)
-    assert result.step == tiny_config.num_steps
+    assert result.step == tiny_config.optim.num_steps
     aside = [p for p in (tmp_path / "run").iterdir() if p.name.startswith("checkpoints.discarded")]
     assert len(aside) == 1 and any(aside[0].iterdir())
 
@@ -91,7 +91,7 @@ def test_keeps_the_latest_and_the_best_checkpoint(tiny_config, tmp_path):
         num_steps=16, checkpoint_every=2, eval_every=2, keep_checkpoints=1, learning_rate=0.05
     )
     result = train_and_evaluate(config, devices=jax.local_devices()[:1])
-    checkpoints = Checkpoints(config.workdir, read_only=True)
+    checkpoints = Checkpoints(config.loop.workdir, read_only=True)
     steps = checkpoints.steps()
     assert checkpoints.latest_step() == 16
     assert checkpoints.best_step() == result.best_step

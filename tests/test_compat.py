@@ -15,7 +15,7 @@ from references import stream_loss
 from subprocesses import run_module
 
 from lstm_jax.checkpoint import Checkpoints, abstract_like
-from lstm_jax.config import Config
+from lstm_jax.config import DataConfig
 from lstm_jax.data import Vocab, load_corpus, split
 from lstm_jax.models import init_params, model_from_settings
 
@@ -47,7 +47,7 @@ def test_v0_checkpoint_validation_loss_equals_a_direct_pass_with_its_parameters(
     model = model_from_settings(meta["settings"], vocab.size)
     abstract = jax.eval_shape(lambda: init_params(model, jax.random.key(0)))
     params = checkpoints.restore_params(40, abstract_like(abstract))
-    text, _ = load_corpus(Config(data_path=str(CORPUS)))
+    text, _ = load_corpus(DataConfig(data_path=str(CORPUS)))
     _, val_ids = split(vocab.encode(text), meta["settings"]["val_fraction"])
     want = stream_loss(model, params, val_ids, num_streams=8, seq_len=16)
     np.testing.assert_allclose(meta["val_loss"], want, rtol=2e-6)

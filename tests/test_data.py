@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from lstm_jax.config import Config
+from lstm_jax.config import DataConfig
 from lstm_jax.data import (
     Batcher,
     Vocab,
@@ -158,18 +158,18 @@ def test_read_text_turns_an_unreadable_file_into_a_user_error(tmp_path, monkeypa
 def test_load_corpus_strips_and_lowercases(tmp_path):
     path = tmp_path / "book.txt"
     path.write_text(gutenberg_book())
-    body, note = load_corpus(Config(data_path=str(path), lowercase=True))
+    body, note = load_corpus(DataConfig(data_path=str(path), lowercase=True))
     assert body == BODY.lower()
     assert str(path) in note
     assert "no Gutenberg" not in note
-    cased, _ = load_corpus(Config(data_path=str(path)))
+    cased, _ = load_corpus(DataConfig(data_path=str(path)))
     assert cased == BODY
 
 
 def test_load_corpus_notes_a_file_without_markers(tmp_path):
     path = tmp_path / "plain.txt"
     path.write_text("Plain Text.\n")
-    body, note = load_corpus(Config(data_path=str(path)))
+    body, note = load_corpus(DataConfig(data_path=str(path)))
     assert body == "Plain Text.\n"
     assert "no Gutenberg START/END lines" in note
 
@@ -509,7 +509,7 @@ def test_download_with_nothing_listening_is_a_user_error(tmp_path):
 
 def test_load_corpus_downloads_when_no_path_is_given(server, tmp_path):
     base, requests = server.url, server.requests
-    config = Config(data_url=f"{base}/book.txt", data_dir=str(tmp_path / "cache"))
+    config = DataConfig(data_url=f"{base}/book.txt", data_dir=str(tmp_path / "cache"))
     body, note = load_corpus(config)
     assert body == BODY
     assert "book.txt" in note

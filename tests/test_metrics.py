@@ -33,7 +33,7 @@ def resumed_run(tmp_path_factory, small_text):
     """A tiny GRU run to step 8, then resumed to step 12: (config, its metrics records)."""
     tmp = tmp_path_factory.mktemp("tracked")
     (tmp / "small.txt").write_text(small_text)
-    config = Config(
+    config = Config.create(
         data_path=str(tmp / "small.txt"),
         workdir=str(tmp / "run"),
         cell="gru",
@@ -47,7 +47,7 @@ def resumed_run(tmp_path_factory, small_text):
         log_every=4,
         eval_every=4,
         checkpoint_every=4,
-        sample_length=5,
+        length=5,
     )
     devices = jax.local_devices()[:1]
     train_and_evaluate(config, devices=devices)
@@ -63,11 +63,11 @@ def test_metrics_jsonl_has_every_field_of_every_record(resumed_run):
     val = [r for r in records if "val_loss" in r]
     assert len(starts) + len(train) + len(val) == len(records)
     assert [r["step"] for r in starts] == [0, 8]  # The resume announces where it starts.
-    model = build_model(config, Vocab.from_text(load_corpus(config)[0]).size)
+    model = build_model(config, Vocab.from_text(load_corpus(config.data)[0]).size)
     for start in starts:
         assert start["cell"] == "gru"
         assert start["parameters"] == count_params(init_params(model, jax.random.key(0)))
-        assert start["chars_per_step"] == config.global_batch * config.seq_len
+        assert start["chars_per_step"] == config.data.global_batch * config.data.seq_len
     assert [r["step"] for r in train] == [4, 8, 12] == [r["step"] for r in val]
     for record in train:
         assert set(record) == TRAIN_FIELDS
@@ -110,8 +110,8 @@ def test_tensorboard_events_hold_the_numbers_of_metrics_jsonl(resumed_run):
     config, records = resumed_run
     from pathlib import Path
 
-    scalars = _tensorboard_scalars(Path(config.workdir))
-    assert len(list(Path(config.workdir).glob("events.out.tfevents.*"))) == 2  # Run, resume.
+    scalars = _tensorboard_scalars(Path(config.loop.workdir))
+    assert len(list(Path(config.loop.workdir).glob("events.out.tfevents.*"))) == 2  # Run, resume.
     for key in TRAIN_FIELDS - {"time", "step"}:
         logged = {r["step"]: r[key] for r in records if key in r}  # The last of a step wins.
         assert scalars[key].keys() >= logged.keys(), key

@@ -4,14 +4,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from builders import make_model
 
 from lstm_jax.config import Config
 from lstm_jax.errors import UsageError
-from lstm_jax.models import CharLSTM, count_params, init_params
+from lstm_jax.models import count_params, init_params
 
 
 def _model():
-    return CharLSTM(vocab_size=11, embed_dim=5, hidden=7, num_layers=2)
+    return make_model(11, embed_dim=5, hidden=7, num_layers=2)
 
 
 def test_shapes_of_logits_and_carry():
@@ -35,7 +36,7 @@ def test_parameters_use_optimized_lstm_cell_names():
 
 
 def test_dropout_changes_outputs_only_when_training():
-    model = CharLSTM(vocab_size=11, embed_dim=5, hidden=7, num_layers=2, dropout=0.5)
+    model = make_model(11, embed_dim=5, hidden=7, num_layers=2, dropout=0.5)
     params = init_params(model, jax.random.key(0))
     tokens = jnp.ones((2, 6), jnp.int32)
     carry = model.initialize_carry(2)
@@ -51,7 +52,7 @@ def test_dropout_changes_outputs_only_when_training():
 @pytest.mark.parametrize("cell", ["lstm", "gru"])
 def test_bfloat16_compute_keeps_float32_parameters_and_close_loss(cell):
     sizes = dict(vocab_size=11, embed_dim=16, hidden=32, num_layers=2, cell=cell)
-    model32, model16 = CharLSTM(**sizes), CharLSTM(**sizes, dtype="bfloat16")
+    model32, model16 = make_model(**sizes), make_model(**sizes, dtype="bfloat16")
     params = init_params(model16, jax.random.key(0))
     # Same parameter tree, all float32: checkpoints move freely between dtypes.
     assert jax.tree.structure(params) == jax.tree.structure(init_params(model32, jax.random.key(0)))
@@ -73,17 +74,17 @@ def test_bfloat16_compute_keeps_float32_parameters_and_close_loss(cell):
 
 
 def test_bfloat16_is_refused_for_cells_without_a_compute_dtype():
-    Config(cell="gru", dtype="bfloat16").validate()
+    Config.create(cell="gru", dtype="bfloat16").validate()
     with pytest.raises(UsageError, match="--cell=minlstm computes in float32 only"):
-        Config(cell="minlstm", dtype="bfloat16").validate()
+        Config.create(cell="minlstm", dtype="bfloat16").validate()
     with pytest.raises(UsageError, match="--dtype must be one of float32, bfloat16"):
-        Config(dtype="float16").validate()
+        Config.create(dtype="float16").validate()
 
 
 @pytest.mark.parametrize("cell", ["lstm", "gru", "lstm_ln", "slstm"])
 def test_remat_gives_the_same_loss_and_gradients(cell):
     sizes = dict(vocab_size=11, embed_dim=16, hidden=32, num_layers=2, cell=cell)
-    model, recomputing = CharLSTM(**sizes), CharLSTM(**sizes, remat=True)
+    model, recomputing = make_model(**sizes), make_model(**sizes, remat=True)
     params = init_params(model, jax.random.key(0))
     # Same parameter tree: --remat can be switched on or off when a run resumes.
     assert jax.tree.structure(params) == jax.tree.structure(
@@ -101,7 +102,7 @@ def test_remat_gives_the_same_loss_and_gradients(cell):
     recomputed, remat_grads = gradient(recomputing, params)
     # The point of --remat: XLA's scratch memory for the step shrinks.
     scratch = {
-        m.remat: gradient.lower(m, params).compile().memory_analysis().temp_size_in_bytes
+        m.compute.remat: gradient.lower(m, params).compile().memory_analysis().temp_size_in_bytes
         for m in (model, recomputing)
     }
     assert scratch[True] < 0.7 * scratch[False], scratch
@@ -112,6 +113,6 @@ def test_remat_gives_the_same_loss_and_gradients(cell):
 
 
 def test_remat_is_refused_for_a_cell_without_a_step_by_step_scan():
-    Config(cell="gru", remat=True).validate()
+    Config.create(cell="gru", remat=True).validate()
     with pytest.raises(UsageError, match="--cell=minlstm computes all time steps at once"):
-        Config(cell="minlstm", remat=True).validate()
+        Config.create(cell="minlstm", remat=True).validate()

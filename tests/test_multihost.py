@@ -15,12 +15,13 @@ import sys
 import jax
 import numpy as np
 import pytest
+from builders import make_model
 from subprocesses import ROOT, command_env
 
 from lstm_jax import distributed
 from lstm_jax.checkpoint import Checkpoints, abstract_like
 from lstm_jax.errors import UsageError
-from lstm_jax.models import CharLSTM, init_params
+from lstm_jax.models import init_params
 from lstm_jax.train import train_and_evaluate
 
 ATOL = 1e-5
@@ -82,7 +83,7 @@ def _one_process(config, workdir, num_steps):
 def _params(workdir, step: int):
     checkpoints = Checkpoints(workdir, read_only=True)
     vocab_size = len(checkpoints.read_meta(step)["vocab"])
-    model = CharLSTM(vocab_size, embed_dim=8, hidden=16, num_layers=2)
+    model = make_model(vocab_size, embed_dim=8, hidden=16, num_layers=2)
     abstract = jax.eval_shape(lambda k: init_params(model, k), jax.random.key(0))
     sharding = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
     return jax.device_get(checkpoints.restore_params(step, abstract_like(abstract, sharding)))
@@ -97,7 +98,7 @@ def _max_abs_diff(a, b) -> float:
 def test_two_processes_match_one_and_resume_each_other(small_text_path, tmp_path):
     from lstm_jax.config import Config
 
-    config = Config(data_path=str(small_text_path), **SETTINGS)
+    config = Config.create(data_path=str(small_text_path), **SETTINGS)
     two, one = tmp_path / "two_processes", tmp_path / "one_process"
 
     # 4 steps each way: same parameters.
@@ -153,23 +154,23 @@ def test_local_sh_exits_with_the_processes_error(small_text_path, tmp_path):
 @pytest.mark.parametrize(
     "options, message",
     [
-        ({"mode": "off", "coordinator_address": "127.0.0.1:1"}, "contradicts"),
+        ({"distributed": "off", "coordinator_address": "127.0.0.1:1"}, "contradicts"),
         ({"coordinator_address": "127.0.0.1:1"}, "all three"),
         ({"num_processes": 2, "process_id": 0}, "all three"),
         ({"coordinator_address": "h:1", "num_processes": 2, "process_id": 2}, "[0, 2)"),
-        ({"mode": "sometimes"}, "auto, on, off"),
+        ({"distributed": "sometimes"}, "auto, on, off"),
     ],
 )
 def test_distributed_flags_that_cannot_form_a_job_are_refused(options, message):
     with pytest.raises(UsageError, match=re.escape(message)):
-        distributed.initialize(**options)
+        distributed.initialize(distributed.DistributedOptions(**options))
 
 
 def test_auto_runs_alone_off_a_cloud_tpu(monkeypatch):
     monkeypatch.setattr(distributed, "on_cloud_tpu", lambda: False)
     monkeypatch.setattr(jax.distributed, "initialize", _must_not_be_called)
-    assert distributed.initialize("auto") is False
-    assert distributed.initialize("off") is False
+    assert distributed.initialize(distributed.DistributedOptions("auto")) is False
+    assert distributed.initialize(distributed.DistributedOptions("off")) is False
 
 
 def _must_not_be_called(*args, **kwargs):

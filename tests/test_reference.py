@@ -15,14 +15,10 @@ from references import stream_loss, warmup_cosine
 
 from lstm_jax import parallel
 from lstm_jax.data import Vocab, load_corpus, split
+from lstm_jax.generate import generate
 from lstm_jax.models import build_model, init_params
-from lstm_jax.sample import generate
-from lstm_jax.train import (
-    create_train_state,
-    learning_rate_schedule,
-    train_and_evaluate,
-    train_step,
-)
+from lstm_jax.steps import create_train_state, learning_rate_schedule, train_step
+from lstm_jax.train import train_and_evaluate
 
 VOCAB_SIZE = 10
 
@@ -37,15 +33,15 @@ def test_validation_loss_equals_a_direct_pass_over_each_stream(tiny_config):
     config = tiny_config.replace(num_steps=6, dropout=0.0)
     result = train_and_evaluate(config, devices=jax.local_devices()[:2])
 
-    text, _ = load_corpus(config)
+    text, _ = load_corpus(config.data)
     vocab = Vocab.from_text(text)
-    _, val_ids = split(vocab.encode(text), config.val_fraction)
+    _, val_ids = split(vocab.encode(text), config.data.val_fraction)
     num_targets = len(val_ids) - 1
     # Streams are whole chunks long, so only the end of the text is padded.
-    chunks = math.ceil(math.ceil(num_targets / config.global_batch) / config.seq_len)
-    assert chunks > 1 and num_targets % (chunks * config.seq_len)  # Carry and padding matter.
+    chunks = math.ceil(math.ceil(num_targets / config.data.global_batch) / config.data.seq_len)
+    assert chunks > 1 and num_targets % (chunks * config.data.seq_len)  # Carry and padding matter.
     model = build_model(config, vocab.size)
-    want = stream_loss(model, result.params, val_ids, config.global_batch, config.seq_len)
+    want = stream_loss(model, result.params, val_ids, config.data.global_batch, config.data.seq_len)
     np.testing.assert_allclose(result.val_loss, want, rtol=2e-6)
 
 
@@ -74,10 +70,10 @@ def _hand_written_steps(model, params, batches, carry, config, total_steps):
         losses.append(float(loss))
         g = jax.tree.map(lambda x: np.asarray(x, np.float64), g)
         norm = math.sqrt(sum(float((x**2).sum()) for x in jax.tree.leaves(g)))
-        if config.grad_clip > 0 and norm > config.grad_clip:
-            g = jax.tree.map(lambda x, s=config.grad_clip / norm: x * s, g)
-        lr = warmup_cosine(t, config.learning_rate, config.warmup_steps, total_steps)
-        wd = config.weight_decay if config.optimizer == "adamw" else 0.0
+        if config.optim.grad_clip > 0 and norm > config.optim.grad_clip:
+            g = jax.tree.map(lambda x, s=config.optim.grad_clip / norm: x * s, g)
+        lr = warmup_cosine(t, config.optim.learning_rate, config.optim.warmup_steps, total_steps)
+        wd = config.optim.weight_decay if config.optim.optimizer == "adamw" else 0.0
         m = jax.tree.map(lambda m_, g_: b1 * m_ + (1 - b1) * g_, m, g)
         v = jax.tree.map(lambda v_, g_: b2 * v_ + (1 - b2) * g_**2, v, g)
 
@@ -113,10 +109,10 @@ def test_train_step_equals_a_hand_written_adamw_step(
     total_steps = 6
     model = build_model(config, VOCAB_SIZE)
     params = init_params(model, jax.random.key(0))
-    state = create_train_state(model, params, config, total_steps, jax.random.key(1))
+    state = create_train_state(model, params, config.optim, total_steps, jax.random.key(1))
     rng = np.random.default_rng(0)
     batches = [
-        rng.integers(0, VOCAB_SIZE, (4, config.seq_len + 1)).astype(np.int32) for _ in range(5)
+        rng.integers(0, VOCAB_SIZE, (4, config.data.seq_len + 1)).astype(np.int32) for _ in range(5)
     ]
     carry = jax.tree.map(
         lambda c: jnp.asarray(rng.normal(size=c.shape), jnp.float32), model.initialize_carry(4)
@@ -130,7 +126,7 @@ def test_train_step_equals_a_hand_written_adamw_step(
     for batch in batches:
         state, carry, metrics = step(state, batch, carry, jnp.asarray(False))
         got_losses.append(float(metrics["loss_sum"] / metrics["count"]))
-        norms.append(float(metrics["grad_norm"]))
+        norms.append(float(metrics["grad_norm_sum"] / metrics["count"]))
     np.testing.assert_allclose(got_losses, expected_losses, rtol=1e-6)
     if 0 < grad_clip < 1:
         assert min(norms) > grad_clip, "clipping must bind in this case"
@@ -146,7 +142,7 @@ def test_train_step_equals_a_hand_written_adamw_step(
 def test_schedule_matches_its_closed_form(tiny_config, schedule):
     config = tiny_config.replace(learning_rate=3e-3, warmup_steps=10, schedule=schedule)
     total = 110
-    lr = learning_rate_schedule(config, total)
+    lr = learning_rate_schedule(config.optim, total)
     for step in [0, 1, 5, 9, 10, 11, 35, 60, 85, 109, 110]:
         if schedule == "cosine":
             want = warmup_cosine(step, 3e-3, 10, total)
@@ -165,12 +161,12 @@ def _state_and_batch(config, seed=0):
     state = create_train_state(
         model,
         init_params(model, jax.random.key(seed)),
-        config.replace(warmup_steps=0),
+        config.replace(warmup_steps=0).optim,
         10,
         jax.random.key(1),
     )
     rng = np.random.default_rng(seed)
-    batch = rng.integers(0, VOCAB_SIZE, (4, config.seq_len + 1)).astype(np.int32)
+    batch = rng.integers(0, VOCAB_SIZE, (4, config.data.seq_len + 1)).astype(np.int32)
     carry = jax.tree.map(
         lambda c: jnp.asarray(rng.normal(size=c.shape), jnp.float32), model.initialize_carry(4)
     )
@@ -225,10 +221,10 @@ def test_the_loop_resets_the_carry_exactly_at_epoch_starts(tiny_config, monkeypa
     config = tiny_config.replace(
         global_batch=64, seq_len=64, num_steps=8, carry_state=carry_state, dropout=0.0
     )
-    text, _ = load_corpus(config)
-    train_len = len(text) - round(len(text) * config.val_fraction)
-    stream_len = (train_len - config.seq_len) // config.global_batch
-    steps_per_epoch = (stream_len - 1) // config.seq_len
+    text, _ = load_corpus(config.data)
+    train_len = len(text) - round(len(text) * config.data.val_fraction)
+    stream_len = (train_len - config.data.seq_len) // config.data.global_batch
+    steps_per_epoch = (stream_len - 1) // config.data.seq_len
     assert steps_per_epoch == 3
     calls = _record_loop_steps(monkeypatch)
     train_and_evaluate(config, devices=jax.local_devices()[:1])
@@ -264,7 +260,9 @@ def test_dropout_draws_a_new_mask_at_every_step_and_the_same_one_again_for_that_
         assert again == losses[k]  # A resumed run at step k must draw the same mask.
     assert len(set(losses.values())) == 3, losses
     # Another seed's key gives other masks at the same step.
-    other = state.replace(dropout_key=jax.random.key(7), step=jnp.asarray(3, jnp.int32))
+    other = state.replace(
+        dropout_key=jax.random.key_data(jax.random.key(7)), step=jnp.asarray(3, jnp.int32)
+    )
     assert float(step(other, batch, carry, jnp.asarray(False))[2]["loss_sum"]) != losses[3]
 
 
@@ -280,7 +278,7 @@ def _constant_logits_model():
     """
     from lstm_jax.config import Config
 
-    config = Config(embed_dim=4, hidden=8, num_layers=2, dropout=0.0)
+    config = Config.create(embed_dim=4, hidden=8, num_layers=2, dropout=0.0)
     model = build_model(config, len(LOGITS))
     params = jax.tree.map(jnp.zeros_like, init_params(model, jax.random.key(0)))
     params["logits"]["bias"] = jnp.asarray(LOGITS)

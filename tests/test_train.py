@@ -9,7 +9,8 @@ import pytest
 from lstm_jax import parallel
 from lstm_jax.data import Vocab, load_corpus
 from lstm_jax.models import build_model, init_params
-from lstm_jax.train import bits_per_char, create_train_state, train_and_evaluate
+from lstm_jax.steps import bits_per_char, create_train_state
+from lstm_jax.train import train_and_evaluate
 
 UNIGRAM_ENTROPY_BITS = 4.46  # Of Dracula's characters; measured from the text below too.
 
@@ -23,7 +24,7 @@ def _unigram_entropy_bits(text: str) -> float:
 def test_validation_loss_falls_well_below_unigram_entropy_on_dracula(dracula_path, tmp_path):
     from lstm_jax.config import Config
 
-    config = Config(
+    config = Config.create(
         data_path=str(dracula_path),
         workdir=str(tmp_path / "run"),
         embed_dim=16,
@@ -37,9 +38,9 @@ def test_validation_loss_falls_well_below_unigram_entropy_on_dracula(dracula_pat
         log_every=100,
         eval_every=300,
         checkpoint_every=300,
-        sample_length=10,
+        length=10,
     )
-    text, _ = load_corpus(config)
+    text, _ = load_corpus(config.data)
     assert abs(_unigram_entropy_bits(text) - UNIGRAM_ENTROPY_BITS) < 0.05
     result = train_and_evaluate(config, devices=jax.local_devices()[:1])
     val_bpc = bits_per_char(result.val_loss)
@@ -53,7 +54,7 @@ def _one_step(config, devices, batch, carry):
     model = build_model(config, vocab.size)
     params = init_params(model, jax.random.key(0))
     state = parallel.replicate(
-        create_train_state(model, params, config, 10, jax.random.key(1)), devices
+        create_train_state(model, params, config.optim, 10, jax.random.key(1)), devices
     )
     step = parallel.train_step(devices)
     n = len(devices)
@@ -67,10 +68,10 @@ def test_pmap_on_8_devices_matches_1_device_for_the_same_global_batch(tiny_confi
     assert jax.local_device_count() == 8, "conftest sets 8 fake CPU devices"
     config = tiny_config.replace(dropout=0.0)
     rng = np.random.default_rng(0)
-    batch = rng.integers(0, 10, (16, config.seq_len + 1)).astype(np.int32)
+    batch = rng.integers(0, 10, (16, config.data.seq_len + 1)).astype(np.int32)
     carry = tuple(
-        (rng.normal(size=(16, config.hidden)).astype(np.float32),) * 2
-        for _ in range(config.num_layers)
+        (rng.normal(size=(16, config.model.hidden)).astype(np.float32),) * 2
+        for _ in range(config.model.num_layers)
     )
     params_1, carry_1, metrics_1 = _one_step(config, jax.local_devices()[:1], batch, carry)
     params_8, carry_8, metrics_8 = _one_step(config, jax.local_devices(), batch, carry)
@@ -79,7 +80,7 @@ def test_pmap_on_8_devices_matches_1_device_for_the_same_global_batch(tiny_confi
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
     for a, b in zip(jax.tree.leaves(carry_1), jax.tree.leaves(carry_8), strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
-    assert float(metrics_8["count"]) == float(metrics_1["count"]) == 16 * config.seq_len
+    assert float(metrics_8["count"]) == float(metrics_1["count"]) == 16 * config.data.seq_len
     np.testing.assert_allclose(metrics_1["loss_sum"], metrics_8["loss_sum"], rtol=1e-5)
 
 
@@ -88,13 +89,13 @@ def test_replicated_state_is_identical_on_every_device(tiny_config):
     # No warm-up: at a learning rate of 0 the parameters would not move at all.
     config = tiny_config.replace(dropout=0.3, warmup_steps=0)
     rng = np.random.default_rng(0)
-    batch = rng.integers(0, 10, (16, config.seq_len + 1)).astype(np.int32)
+    batch = rng.integers(0, 10, (16, config.data.seq_len + 1)).astype(np.int32)
     vocab_size = 10
     model = build_model(config, vocab_size)
     devices = jax.local_devices()
     params = init_params(model, jax.random.key(0))
     state = parallel.replicate(
-        create_train_state(model, params, config, 10, jax.random.key(1)), devices
+        create_train_state(model, params, config.optim, 10, jax.random.key(1)), devices
     )
     carry = jax.tree.map(lambda c: parallel.shard(np.asarray(c), 8), model.initialize_carry(16))
     state, _, _ = parallel.train_step(devices)(state, parallel.shard(batch, 8), carry, True)
@@ -133,6 +134,6 @@ def test_one_step_changes_every_parameter(tiny_config):
 @pytest.mark.parametrize("num_devices", [1, 8])
 def test_train_and_evaluate_runs_and_reports_finite_losses(tiny_config, num_devices):
     result = train_and_evaluate(tiny_config, devices=jax.local_devices()[:num_devices])
-    assert result.step == tiny_config.num_steps
-    assert math.isfinite(result.val_loss) and result.best_step == tiny_config.num_steps
+    assert result.step == tiny_config.optim.num_steps
+    assert math.isfinite(result.val_loss) and result.best_step == tiny_config.optim.num_steps
     assert len(result.train_losses) == 2
