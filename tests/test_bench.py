@@ -59,7 +59,8 @@ def test_bench_reports_speeds_analytic_flops_and_utilisation(tmp_path):
 
 
 @pytest.mark.skipif(
-    not HAS_TORCH, reason="PyTorch is not installed; pip install -e '.[peers]' to run the peer"
+    not HAS_TORCH,
+    reason="optional: CI does not install torch; run with pip install -e '.[peers]'",
 )
 def test_compare_pytorch_alternates_windows_and_reports_a_ratio(tmp_path):
     results, run = _bench(tmp_path, "--compare=pytorch")

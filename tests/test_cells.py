@@ -19,7 +19,7 @@ from lstm_jax.checkpoint import Checkpoints, abstract_like
 from lstm_jax.config import Config
 from lstm_jax.data import Vocab
 from lstm_jax.errors import UsageError, UserError
-from lstm_jax.models import CharLSTM, init_params, model_from_settings
+from lstm_jax.models import CharLSTM, build_model, init_params, model_from_settings
 from lstm_jax.sample import sample_text
 from lstm_jax.train import train_and_evaluate
 
@@ -27,7 +27,7 @@ README = Path(__file__).resolve().parents[1] / "README.md"
 pytestmark = pytest.mark.usefixtures("fast_compile")  # conftest.py
 
 
-def _sample_from_checkpoint(workdir: str) -> tuple[str, Vocab]:
+def _sample_from_checkpoint(workdir: str, prompt: str, length: int, seed: int) -> tuple[str, Vocab]:
     """What `python -m lstm_jax.sample` does: the model from the saved settings, params only."""
     checkpoints = Checkpoints(workdir, read_only=True)
     step = checkpoints.resolve("latest")
@@ -39,8 +39,25 @@ def _sample_from_checkpoint(workdir: str) -> tuple[str, Vocab]:
     params = checkpoints.restore_params(
         step, abstract_like(abstract, jax.sharding.SingleDeviceSharding(device))
     )
-    (text,) = sample_text(model, params, vocab, "The ", length=60, temperature=1.0, seed=3)
+    (text,) = sample_text(model, params, vocab, prompt, length=length, temperature=1.0, seed=seed)
     return text, vocab
+
+
+def _sample_by_hand(config: Config, params, vocab: Vocab, prompt: str, length: int, seed: int):
+    """Each character drawn from the trained model's distribution after the prompt and the
+    characters before it, one `model.apply` per character; character i uses key i of
+    `jax.random.split(jax.random.key(seed), length)`, as `lstm_jax.sample.generate` does."""
+    model = build_model(config, vocab.size)
+    carry, logits = model.apply(
+        {"params": params}, model.initialize_carry(1), jnp.asarray(vocab.encode(prompt)[None])
+    )
+    apply = jax.jit(model.apply)  # The same computation, compiled once instead of op by op.
+    out = []
+    for key in jax.random.split(jax.random.key(seed), length):
+        token = jax.random.categorical(key, logits[:, -1], axis=-1).astype(jnp.int32)
+        out.append(int(token[0]))
+        carry, logits = apply({"params": params}, carry, token[:, None])
+    return vocab.decode(out)
 
 
 @pytest.mark.parametrize("cell", list(CELLS))
@@ -55,8 +72,9 @@ def test_every_cell_trains_pmapped_resumes_and_samples(tiny_config, cell):
     losses = first.train_losses + resumed.train_losses
     assert losses[-1] < losses[0], losses
     assert set(first.params) == {"embed", f"{cell}_0", f"{cell}_1", "logits"}
-    text, vocab = _sample_from_checkpoint(config.workdir)
-    assert len(text) == 60 and set(text) <= set(vocab.chars)
+    # The sampler, from the checkpoint alone, draws what the trained model draws step by step.
+    text, vocab = _sample_from_checkpoint(config.workdir, "The ", 100, seed=3)
+    assert text == _sample_by_hand(config, resumed.params, vocab, "The ", 100, seed=3)
 
 
 @pytest.mark.parametrize("cell", list(CELLS))
@@ -153,8 +171,8 @@ def test_readme_add_a_cell_example_trains_and_samples(tiny_config, monkeypatch):
     config = tiny_config.replace(cell="rnn", num_steps=8)
     result = train_and_evaluate(config, devices=jax.local_devices()[:2])
     assert result.train_losses[-1] < result.train_losses[0]
-    text, vocab = _sample_from_checkpoint(config.workdir)
-    assert set(text) <= set(vocab.chars)
+    text, vocab = _sample_from_checkpoint(config.workdir, "The ", 100, seed=3)
+    assert text == _sample_by_hand(config, result.params, vocab, "The ", 100, seed=3)
 
 
 class _PreRegistryCharLSTM(nn.Module):

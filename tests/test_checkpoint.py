@@ -1,13 +1,20 @@
 """Checkpoints: a resumed run is the uninterrupted run; a workdir never takes a foreign model."""
 
+import math
 import shutil
 
 import jax
 import numpy as np
+import optax
 import pytest
+from subprocesses import run_module
 
 from lstm_jax.checkpoint import Checkpoints
+from lstm_jax.config import Config
+from lstm_jax.data import Vocab
 from lstm_jax.errors import UserError
+from lstm_jax.models import build_model, init_params
+from lstm_jax.sample import sample_text
 from lstm_jax.train import train_and_evaluate
 
 
@@ -131,3 +138,57 @@ def test_checkpoint_resumes_on_another_device_count_with_the_same_global_batch(
         for x, y in leaves:
             np.testing.assert_allclose(y, x, rtol=0, atol=1e-5, err_msg=f"{before} -> {after}")
         assert result.val_loss == pytest.approx(straight.val_loss, abs=1e-5)
+
+
+def test_checkpoint_best_latest_and_a_step_pick_their_checkpoints_and_sample_uses_best(tmp_path):
+    # Three saves of a tiny model, each with its own parameters, where the best by validation
+    # loss is neither the first nor the latest.
+    vocab = Vocab(" .abcdefghij")
+    config = Config(embed_dim=8, hidden=16, num_layers=2, seq_len=16, global_batch=8)
+    model = build_model(config, vocab.size)
+    val_losses = {10: 1.8, 20: 1.2, 30: 1.5}
+    workdir = tmp_path / "run"
+    checkpoints = Checkpoints(workdir, keep=3)
+    params = {}
+    for seed, (step, val_loss) in enumerate(val_losses.items()):
+        # Scaled up so that greedy continuations of different parameters differ.
+        params[step] = jax.tree.map(lambda p: 3.0 * p, init_params(model, jax.random.key(seed)))
+        checkpoints.save(
+            step,
+            params=params[step],
+            opt_state=optax.adam(1e-3).init(params[step]),
+            carry=jax.tree.map(np.asarray, model.initialize_carry(config.global_batch)),
+            meta={
+                "vocab": vocab.chars,
+                "settings": config.run_settings(),
+                "step": step,
+                "val_loss": val_loss,
+                "val_bpc": val_loss / math.log(2),
+            },
+            val_loss=val_loss,
+        )
+    checkpoints.wait()
+    checkpoints.close()
+
+    saved = Checkpoints(workdir, read_only=True)
+    assert saved.steps() == [10, 20, 30]
+    assert saved.resolve("best") == 20  # The lowest validation loss.
+    assert saved.resolve("latest") == 30  # The highest step.
+    assert saved.resolve("10") == 10
+
+    greedy = {
+        step: sample_text(model, p, vocab, "a", length=30, temperature=0.0)[0]
+        for step, p in params.items()
+    }
+    assert len(set(greedy.values())) == 3  # The text tells which checkpoint it came from.
+    result = run_module(
+        "lstm_jax.sample",
+        f"--workdir={workdir}",
+        "--checkpoint=best",
+        "--prompt=a",
+        "--length=30",
+        "--temperature=0",
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert f"# step 20, validation {1.2 / math.log(2):.3f} bpc" in result.stderr
+    assert result.stdout == "a" + greedy[20] + "\n"

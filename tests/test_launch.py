@@ -206,7 +206,11 @@ def test_scripts_are_shellcheck_clean():
     assert result.returncode == 0, result.stdout
 
 
-@pytest.mark.skipif(shutil.which("gcloud") is None, reason="Cloud SDK (gcloud) not installed")
+@pytest.mark.skipif(
+    shutil.which("gcloud") is None,
+    reason="optional: CI does not install the Cloud SDK (gcloud); install it and put gcloud "
+    "on PATH to run this test",
+)
 def test_every_gcloud_flag_used_exists_in_that_commands_help():
     commands = []
     for args in (

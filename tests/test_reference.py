@@ -316,3 +316,17 @@ def test_temperature_zero_always_takes_the_argmax():
         model, params, jnp.zeros((4, 1), jnp.int32), jax.random.key(0), 0.0, length=50
     )
     assert np.all(np.asarray(tokens) == int(np.argmax(LOGITS)))
+
+
+def test_each_device_draws_its_own_dropout_mask(tiny_config):
+    """Two devices given the same rows must not drop the same units, or the data-parallel
+    batch would carry one mask twice: its loss would be exactly twice one device's."""
+    state, batch, carry, _ = _state_and_batch(tiny_config.replace(dropout=0.5))
+    losses = []
+    for n in (1, 2):
+        devices = jax.local_devices()[:n]
+        rows = jax.tree.map(lambda x, n=n: np.stack([np.asarray(x)] * n), (batch, carry))
+        step = parallel.train_step(devices)
+        _, _, metrics = step(parallel.replicate(state, devices), *rows, False)
+        losses.append(float(metrics["loss_sum"]))
+    assert losses[1] != 2 * losses[0], losses

@@ -67,22 +67,32 @@ def _run_until_step_then_signal(args: list[str], step: int, sig: int) -> tuple[i
     return process.returncode, "".join(lines)
 
 
-def test_sigterm_at_random_steps_then_resume_is_bit_identical(small_text_path, tmp_path):
+@pytest.mark.parametrize(
+    "sig, num_stops", [(signal.SIGTERM, 3), (signal.SIGINT, 1)], ids=["SIGTERM", "SIGINT"]
+)
+def test_signal_mid_run_saves_that_step_exits_0_and_resume_is_bit_identical(
+    small_text_path, tmp_path, sig, num_stops
+):
+    # SIGTERM (a preempted VM) and SIGINT (Ctrl-C) alike: finish the step in flight, save it,
+    # exit 0; the same command resumes from that step to the uninterrupted run's parameters.
     straight = tmp_path / "straight"
     result = run_module(*_train_args(small_text_path, straight))
     assert result.returncode == 0, result.stderr[-2000:]
     expected = _final_params(straight, 120)
 
     rng = random.Random(1234)
-    stop_steps = sorted(rng.sample(range(5, 110), 3))
+    stop_steps = sorted(rng.sample(range(5, 110), num_stops))
+    name = signal.Signals(sig).name
     for i, stop_at in enumerate(stop_steps):
         workdir = tmp_path / f"interrupted_{i}"
         args = _train_args(small_text_path, workdir)
-        code, log = _run_until_step_then_signal(args, stop_at, signal.SIGTERM)
+        code, log = _run_until_step_then_signal(args, stop_at, sig)
         assert code == 0, log[-2000:]
-        assert "Stopped by SIGTERM after step" in log and "Traceback" not in log
-        stopped = int(log.split("Stopped by SIGTERM after step ")[1].split(";")[0])
-        assert stopped < 120
+        assert f"Stopped by {name} after step" in log and "Traceback" not in log
+        stopped = int(log.split(f"Stopped by {name} after step ")[1].split(";")[0])
+        assert stop_at <= stopped < 120
+        # Saved at the step it stopped after, not only at the last periodic save (every 40).
+        assert Checkpoints(workdir, read_only=True).latest_step() == stopped
         resumed = run_module(*args)
         assert resumed.returncode == 0, resumed.stderr[-2000:]
         assert f"Resuming from step {stopped}" in resumed.stderr

@@ -1,0 +1,781 @@
+"""Mutation check: break the package on purpose, one bug at a time, and see that the tests notice.
+
+    python tests/mutation_check.py                 # every mutation, one at a time
+    python tests/mutation_check.py --list          # the mutations and the tests chosen for each
+    python tests/mutation_check.py --only NAME ... # some of them
+    python tests/mutation_check.py --jobs 2 --baseline --timeout 600 --keep
+
+Each mutation replaces one exact snippet of a file under lstm_jax/ (the snippet must occur there
+exactly once: the script refuses to start otherwise, so the list cannot silently go stale when the
+code changes). For each mutation the repository's lstm_jax/, tests/, pyproject.toml and
+experiments/ (and README.md and launch/, which some tests read) are copied into a fresh temporary
+folder, the mutation is applied there, and
+
+    python -m pytest -q -x -p no:cacheprovider <the mutation's tests>
+
+runs in that folder with PYTHONPATH set to it, so the mutated copy is what gets imported (the
+editable install of /work/main comes after PYTHONPATH on sys.path; the script proves it before it
+starts, and again in every copy). Tests that start subprocesses pass their environment on, and
+run them from the copy, so those import the mutated copy too.
+
+One line per mutation: CAUGHT (a selected test failed), MISSED (all passed), NOTEST (none of its
+test files exists yet, or nothing was selected), TIMEOUT or ERROR; then "N of M caught" and the
+total time. The exit status is 1 unless every mutation run was caught. `--baseline` first runs
+each distinct selection on an unmodified copy and stops if one fails there: a CAUGHT means
+something only if the same tests pass without the mutation.
+
+This file is not a test module (pytest collects test_*.py only).
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import dataclasses
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+PACKAGE = "lstm_jax"
+COPIED = ("lstm_jax", "tests", "pyproject.toml", "experiments")
+COPIED_IF_PRESENT = ("README.md", "launch")  # test_cells reads the README, multihost launch/.
+DRACULA_ENV = "LSTM_JAX_DRACULA"
+DRACULA_FALLBACK = ROOT.parent / "shared" / "data" / "dracula.txt"
+
+# Test selections. Files are named rather than single tests where the tests are still being
+# written; the file most likely to catch a mutation comes first (with -x the run stops there).
+REF = "tests/test_reference.py"
+TRAIN = "tests/test_train.py"
+DATA = "tests/test_data.py"
+SAMPLE = "tests/test_sample.py"
+CHECKPOINT = "tests/test_checkpoint.py"
+NOT_DRACULA = "not on_dracula"  # test_train's 300-step Dracula run: the slowest of test_train.
+STOP_AND_RESUME = f"{CHECKPOINT}::test_stop_and_resume_gives_the_parameters_of_an_uninterrupted_run"
+
+
+@dataclasses.dataclass(frozen=True)
+class Mutation:
+    name: str
+    file: str  # Under lstm_jax/.
+    old: str  # Must occur exactly once in the file.
+    new: str
+    tests: tuple[str, ...]  # Test files or node ids, in the order pytest should run them.
+    breaks: str  # What the bug does, in words.
+    k: str | None = None  # A pytest -k expression, applied to the whole selection.
+
+
+NUM_EPOCHS = "tests/test_cli.py::test_num_epochs_trains_the_ceiling_of_epochs_times_steps_per_epoch"
+
+MUTATIONS: tuple[Mutation, ...] = (
+    # --- The train step ---------------------------------------------------------------------
+    Mutation(
+        "train_targets_not_shifted",
+        "train.py",
+        "inputs, targets = batch[:, :-1], batch[:, 1:]",
+        "inputs, targets = batch[:, :-1], batch[:, :-1]",
+        (REF, TRAIN),
+        "the training loss predicts the input character itself instead of the next one",
+    ),
+    Mutation(
+        "train_count_is_rows",
+        "train.py",
+        '"count": jnp.asarray(targets.size, jnp.float32)',
+        '"count": jnp.asarray(targets.shape[0], jnp.float32)',
+        (TRAIN, REF),
+        "the train loss metric divides by the rows, not the characters",
+        k=NOT_DRACULA,
+    ),
+    Mutation(
+        "no_pmean_of_gradients",
+        "train.py",
+        "grads = jax.lax.pmean(grads, axis_name)",
+        "grads = grads",
+        (TRAIN, REF),
+        "each device applies its own gradient: no averaging across devices",
+        k=NOT_DRACULA,
+    ),
+    Mutation(
+        "psum_instead_of_pmean",
+        "train.py",
+        "grads = jax.lax.pmean(grads, axis_name)",
+        "grads = jax.lax.psum(grads, axis_name)",
+        (TRAIN, REF),
+        "gradients summed over devices (x device count): clipping and grad_norm change",
+        k=NOT_DRACULA,
+    ),
+    Mutation(
+        "dropout_key_not_folded_with_step",
+        "train.py",
+        "dropout_key = jax.random.fold_in(state.dropout_key, state.step)",
+        "dropout_key = state.dropout_key",
+        (REF, TRAIN),
+        "the same dropout masks at every step",
+        k=NOT_DRACULA,
+    ),
+    Mutation(
+        "dropout_key_not_folded_with_device",
+        "train.py",
+        "dropout_key = jax.random.fold_in(dropout_key, jax.lax.axis_index(axis_name))",
+        "dropout_key = dropout_key",
+        (REF, TRAIN),
+        "every device draws the same dropout masks for its rows",
+        k=NOT_DRACULA,
+    ),
+    Mutation(
+        "reset_ignored_in_train_step",
+        "train.py",
+        "carry = _reset_carry(carry, reset)",
+        "carry = _reset_carry(carry, False)",
+        (REF, STOP_AND_RESUME),
+        "train_step never zeroes the carry, whatever `reset` says",
+    ),
+    Mutation(
+        "reset_inverted",
+        "train.py",
+        "jnp.where(reset, jnp.zeros_like(c), c)",
+        "jnp.where(reset, c, jnp.zeros_like(c))",
+        (REF, TRAIN),
+        "the carry is zeroed on every step except the ones that should reset",
+        k=NOT_DRACULA,
+    ),
+    # --- Evaluation -------------------------------------------------------------------------
+    Mutation(
+        "eval_padding_weights_ignored",
+        "train.py",
+        "losses = optax.softmax_cross_entropy_with_integer_labels(logits, targets) * weights",
+        "losses = optax.softmax_cross_entropy_with_integer_labels(logits, targets)",
+        (REF,),
+        "validation loss sums the padding's loss too",
+    ),
+    Mutation(
+        "eval_count_includes_padding",
+        "train.py",
+        'metrics = {"loss_sum": losses.sum(), "count": weights.sum()}',
+        'metrics = {"loss_sum": losses.sum(), "count": jnp.asarray(weights.size, jnp.float32)}',
+        (REF,),
+        "validation loss divides by the padded size, not the real characters",
+    ),
+    Mutation(
+        "eval_carry_not_passed_between_chunks",
+        "train.py",
+        "eval_carry, chunk_sums = p_eval_step(",
+        "_, chunk_sums = p_eval_step(",
+        (REF,),
+        "every validation chunk starts from a zero state",
+    ),
+    Mutation(
+        "eval_streams_interleaved",
+        "data.py",
+        "return a.reshape(num_streams, num_chunks, seq_len).transpose(1, 0, 2)",
+        "return a.reshape(num_chunks, num_streams, seq_len)",
+        (DATA, REF),
+        "validation streams do not start where they should: chunk k+1 of a row does not "
+        "continue chunk k",
+    ),
+    Mutation(
+        "eval_streams_padding_weighted",
+        "data.py",
+        "weights[:num_targets] = 1.0",
+        "weights[:] = 1.0",
+        (DATA, REF),
+        "eval_streams gives the padding weight 1",
+    ),
+    # --- The schedule -----------------------------------------------------------------------
+    Mutation(
+        "warmup_dropped",
+        "train.py",
+        "warmup = min(config.warmup_steps, max(total_steps - 1, 0))",
+        "warmup = 0",
+        (REF,),
+        "no linear warm-up: the first steps run at the peak learning rate",
+    ),
+    Mutation(
+        "cosine_ends_at_zero",
+        "train.py",
+        "end_value=0.1 * config.learning_rate,",
+        "end_value=0.0,",
+        (REF,),
+        "cosine decays to 0 instead of 10% of the peak",
+    ),
+    Mutation(
+        "cosine_decay_steps_exclude_warmup",
+        "train.py",
+        "decay_steps=max(total_steps, warmup + 1),",
+        "decay_steps=max(total_steps - warmup, warmup + 1),",
+        (REF,),
+        "cosine reaches its end value `warmup` steps early (optax counts warm-up in decay_steps)",
+    ),
+    # --- The optimizer ----------------------------------------------------------------------
+    Mutation(
+        "grad_clip_never_applied",
+        "train.py",
+        "if config.grad_clip > 0:",
+        "if config.grad_clip < 0:",
+        (REF,),
+        "gradient clipping is off whatever --grad_clip says",
+    ),
+    Mutation(
+        "grad_clip_threshold_hard_coded",
+        "train.py",
+        "optax.clip_by_global_norm(config.grad_clip)",
+        "optax.clip_by_global_norm(1.0)",
+        (REF,),
+        "clipping at a global norm of 1 instead of --grad_clip",
+    ),
+    Mutation(
+        "grad_clip_elementwise",
+        "train.py",
+        "optax.clip_by_global_norm(config.grad_clip)",
+        "optax.clip(config.grad_clip)",
+        (REF,),
+        "each gradient element clipped to +-grad_clip instead of the global norm",
+    ),
+    Mutation(
+        "weight_decay_dropped",
+        "train.py",
+        "update = optax.adamw(schedule, weight_decay=config.weight_decay)",
+        "update = optax.adamw(schedule, weight_decay=0.0)",
+        (REF,),
+        "AdamW without weight decay",
+    ),
+    Mutation(
+        "adam_instead_of_adamw",
+        "train.py",
+        'if config.optimizer == "adamw":',
+        'if config.optimizer == "adam":',
+        (REF,),
+        "--optimizer=adamw gets Adam (and adam gets AdamW)",
+    ),
+    # --- Carry handling ---------------------------------------------------------------------
+    Mutation(
+        "loop_resets_only_at_step_0",
+        "train.py",
+        "state, batch, carry, batcher.starts_new_epoch(step)",
+        "state, batch, carry, step == 0",
+        (REF, TRAIN),
+        "the loop never resets the carry at later epoch boundaries (nor for independent windows)",
+        k=NOT_DRACULA,
+    ),
+    Mutation(
+        "loop_ignores_carry_state_flag",
+        "train.py",
+        "train_ids, config.seq_len, config.global_batch, config.seed, config.carry_state",
+        "train_ids, config.seq_len, config.global_batch, config.seed",
+        (REF, CHECKPOINT),
+        "--carry_state=false still trains on carried contiguous streams",
+    ),
+    Mutation(
+        "batcher_never_resets_after_first_epoch",
+        "data.py",
+        "return step % self.steps_per_epoch == 0 or not self.carry_state",
+        "return step == 0 or not self.carry_state",
+        (DATA, TRAIN, REF),
+        "starts_new_epoch is true at step 0 only: the carry runs across epoch boundaries",
+        k=NOT_DRACULA,
+    ),
+    Mutation(
+        "no_reset_without_carry_state",
+        "data.py",
+        "return step % self.steps_per_epoch == 0 or not self.carry_state",
+        "return step % self.steps_per_epoch == 0",
+        (DATA, REF),
+        "--carry_state=false keeps the state between independent windows",
+    ),
+    # --- Checkpoint restore -----------------------------------------------------------------
+    Mutation(
+        "resume_ignores_opt_state",
+        "train.py",
+        'opt_state=parallel.to_host_local(restored["opt_state"], devices),\n',
+        "",
+        (STOP_AND_RESUME, REF),
+        "a resumed run restarts Adam's moments from zero",
+    ),
+    Mutation(
+        "resume_ignores_carry",
+        "train.py",
+        'carry = jax.tree.map(lambda c: np.asarray(c)[rows], restored["carry"])',
+        'carry = jax.tree.map(lambda c: np.zeros_like(np.asarray(c)[rows]), restored["carry"])',
+        (STOP_AND_RESUME, REF),
+        "a resumed run starts from a zero LSTM state instead of the saved one",
+    ),
+    Mutation(
+        "resume_ignores_step",
+        "train.py",
+        "step=parallel.replicate(jnp.asarray(start_step, jnp.int32), devices),\n",
+        "",
+        (STOP_AND_RESUME, REF),
+        "a resumed run's optimizer step restarts at 0 (schedule and dropout keys go wrong)",
+    ),
+    Mutation(
+        "best_checkpoint_is_the_worst",
+        "checkpoint.py",
+        'best_mode="min",',
+        'best_mode="max",',
+        (f"{CHECKPOINT}::test_keeps_the_latest_and_the_best_checkpoint",),
+        "the checkpoint with the highest validation loss is kept and resolved as 'best'",
+    ),
+    Mutation(
+        "checkpoint_best_resolves_to_latest",
+        "checkpoint.py",
+        'if which == "best":\n            return self.best_step()',
+        'if which == "best":\n            return self.latest_step()',
+        (
+            f"{CHECKPOINT}::test_keeps_the_latest_and_the_best_checkpoint",
+            f"{CHECKPOINT}::test_checkpoint_best_latest_and_a_step_pick_their_checkpoints"
+            "_and_sample_uses_best",
+        ),
+        "--checkpoint=best (the sampler's default) samples from the latest step",
+    ),
+    # --- Sampling ---------------------------------------------------------------------------
+    Mutation(
+        "temperature_ignored",
+        "sample.py",
+        "sampled = jax.random.categorical(key, logits / jnp.maximum(temperature, 1e-6), axis=-1)",
+        "sampled = jax.random.categorical(key, logits, axis=-1)",
+        (SAMPLE, REF),
+        "sampling always at temperature 1",
+    ),
+    Mutation(
+        "top_k_off_by_one",
+        "sample.py",
+        "logits = jnp.where(logits < kth_largest, -jnp.inf, logits)",
+        "logits = jnp.where(logits <= kth_largest, -jnp.inf, logits)",
+        (SAMPLE, REF),
+        "top_k keeps k-1 characters (top_k=1 keeps none)",
+    ),
+    Mutation(
+        "greedy_and_sampled_swapped",
+        "sample.py",
+        "return jnp.where(temperature > 0, sampled, greedy).astype(jnp.int32)",
+        "return jnp.where(temperature > 0, greedy, sampled).astype(jnp.int32)",
+        (SAMPLE, REF),
+        "temperature > 0 is greedy, temperature 0 samples",
+    ),
+    Mutation(
+        "prompt_last_char_fed_twice",
+        "sample.py",
+        'carry, _ = model.apply({"params": params}, carry, prompt_ids[:, :-1])',
+        'carry, _ = model.apply({"params": params}, carry, prompt_ids)',
+        (SAMPLE, REF),
+        "the prompt's last character is read twice before the first draw",
+    ),
+    Mutation(
+        "same_key_every_sampling_step",
+        "sample.py",
+        "token = _next_token(logits[:, 0], step_key, temperature, top_k)",
+        "token = _next_token(logits[:, 0], key, temperature, top_k)",
+        (SAMPLE, REF),
+        "every character is drawn with the same random key",
+    ),
+    # --- Data -------------------------------------------------------------------------------
+    Mutation(
+        "split_overlaps_by_one",
+        "data.py",
+        "return ids[: len(ids) - num_val], ids[len(ids) - num_val :]",
+        "return ids[: len(ids) - num_val + 1], ids[len(ids) - num_val :]",
+        (DATA,),
+        "the first validation character is also trained on",
+    ),
+    Mutation(
+        "batch_position_skips_a_character",
+        "data.py",
+        "starts = stream_starts[rows] + position * self.seq_len",
+        "starts = stream_starts[rows] + position * (self.seq_len + 1)",
+        (DATA, REF),
+        "consecutive batches of a stream skip a character (the carry no longer fits the text)",
+    ),
+    Mutation(
+        "batch_offset_constant",
+        "data.py",
+        "offset = np.random.default_rng([self.seed, epoch]).integers(0, self.seq_len + 1)",
+        "offset = 0",
+        (DATA,),
+        "every epoch cuts the streams at the same offset",
+    ),
+    Mutation(
+        "vocab_in_order_of_appearance",
+        "data.py",
+        'return cls("".join(sorted(set(text))))',
+        'return cls("".join(dict.fromkeys(text)))',
+        (DATA,),
+        "vocabulary ids in order of first appearance, not sorted (old checkpoints misread)",
+    ),
+    # --- The step count ---------------------------------------------------------------------
+    Mutation(
+        "num_epochs_rounded_up",
+        "train.py",
+        "max(1, math.ceil(config.num_epochs * batcher.steps_per_epoch))",
+        "max(1, math.ceil(config.num_epochs) * batcher.steps_per_epoch)",
+        (NUM_EPOCHS,),
+        "--num_epochs=2.5 trains 3 epochs",
+    ),
+    Mutation(
+        "num_epochs_read_as_steps",
+        "train.py",
+        "max(1, math.ceil(config.num_epochs * batcher.steps_per_epoch))",
+        "max(1, math.ceil(config.num_epochs))",
+        (NUM_EPOCHS,),
+        "--num_epochs=N trains N steps",
+    ),
+    # --- The model --------------------------------------------------------------------------
+    Mutation(
+        "sampling_model_drops_residual",
+        "models.py",
+        'residual=settings["residual"],\n',
+        "",
+        ("tests/test_ablations.py",),
+        "the sampler rebuilds a residual model without its skip connections",
+    ),
+)
+
+
+# --- Checks before anything runs --------------------------------------------------------------
+
+
+def check_mutations(mutations: tuple[Mutation, ...]) -> None:
+    """Every snippet occurs exactly once in today's source; names are unique. Exits otherwise."""
+    problems = []
+    names = [m.name for m in mutations]
+    for name in sorted({n for n in names if names.count(n) > 1}):
+        problems.append(f"{name}: the name is used twice")
+    for m in mutations:
+        path = ROOT / PACKAGE / m.file
+        if not path.is_file():
+            problems.append(f"{m.name}: {PACKAGE}/{m.file} does not exist")
+            continue
+        text = path.read_text()
+        count = text.count(m.old)
+        if count != 1:
+            problems.append(
+                f"{m.name}: the snippet occurs {count} times in {PACKAGE}/{m.file} (must be "
+                f"exactly once): {m.old!r}"
+            )
+        else:
+            try:  # A mutant that does not even parse would be "caught" for nothing.
+                compile(text.replace(m.old, m.new), str(path), "exec")
+            except SyntaxError as e:
+                problems.append(f"{m.name}: the mutated file does not parse: {e}")
+        if m.old == m.new:
+            problems.append(f"{m.name}: old and new are the same")
+        if not m.tests:
+            problems.append(f"{m.name}: no tests selected")
+    if problems:
+        sys.exit("The mutation list does not fit the code any more:\n  " + "\n  ".join(problems))
+
+
+def make_copy(dest: Path) -> None:
+    dest.mkdir(parents=True)
+    ignore = shutil.ignore_patterns("__pycache__", "*.pyc", ".pytest_cache", ".ruff_cache")
+    for item in COPIED + COPIED_IF_PRESENT:
+        src = ROOT / item
+        if src.is_dir():
+            shutil.copytree(src, dest / item, ignore=ignore)
+        elif src.is_file():
+            shutil.copy2(src, dest / item)
+        elif item in COPIED:
+            sys.exit(f"{src} is missing; nothing to copy.")
+
+
+def apply_mutation(copy: Path, m: Mutation) -> None:
+    path = copy / PACKAGE / m.file
+    text = path.read_text()
+    if text.count(m.old) != 1:  # Checked on the original already; the copy must agree.
+        raise RuntimeError(f"{m.name}: the snippet is not exactly once in the copy {path}")
+    path.write_text(text.replace(m.old, m.new))
+
+
+def environment(copy: Path, cache_dir: Path) -> dict[str, str]:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(copy), env.get("PYTHONPATH")) if p)
+    env["PYTHONDONTWRITEBYTECODE"] = "1"
+    # One persistent XLA cache for the whole check: keys are the compiled programs' text, so a
+    # mutated program never hits an unmutated entry, and unchanged ones compile once.
+    env.setdefault("JAX_COMPILATION_CACHE_DIR", str(cache_dir))
+    if not env.get(DRACULA_ENV) and DRACULA_FALLBACK.is_file():
+        env[DRACULA_ENV] = str(DRACULA_FALLBACK)
+    return env
+
+
+def imported_package(copy: Path, env: dict[str, str], cwd: Path) -> Path:
+    """Where `import lstm_jax` resolves with this environment, run from `cwd`."""
+    result = subprocess.run(
+        [sys.executable, "-c", "import lstm_jax; print(lstm_jax.__file__)"],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    if result.returncode != 0:
+        raise RuntimeError(f"`import lstm_jax` failed in {copy}:\n{result.stderr[-2000:]}")
+    return Path(result.stdout.strip()).resolve()
+
+
+def check_imports_copy(copy: Path, env: dict[str, str], neutral_cwd: Path) -> None:
+    """Abort unless the copy, not the editable install, is what Python imports there."""
+    expected = (copy / PACKAGE / "__init__.py").resolve()
+    for cwd in (copy, neutral_cwd):  # The copy as cwd (as pytest runs), and PYTHONPATH alone.
+        found = imported_package(copy, env, cwd)
+        if found != expected:
+            sys.exit(
+                f"With PYTHONPATH={copy} and cwd {cwd}, `import lstm_jax` gives {found}, not "
+                f"{expected}: the mutated copy would not be tested. Aborting."
+            )
+
+
+# --- Running ----------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class Outcome:
+    name: str
+    status: str  # CAUGHT, MISSED, NOTEST, TIMEOUT or ERROR; PASSED or FAILED for a baseline.
+    seconds: float
+    detail: str
+    log: str = ""
+
+
+_running: set[int] = set()  # Process group ids of the pytest runs in flight.
+_running_lock = threading.Lock()
+_print_lock = threading.Lock()
+
+
+def existing_selection(copy: Path, tests: tuple[str, ...]) -> tuple[list[str], list[str]]:
+    present, missing = [], []
+    for t in tests:
+        (present if (copy / t.split("::")[0]).exists() else missing).append(t)
+    return present, missing
+
+
+def run_pytest(
+    copy: Path, tests: list[str], k: str | None, env: dict[str, str], basetemp: Path, timeout: float
+) -> tuple[int | None, str]:
+    """pytest's exit status (None on timeout) and its output."""
+    command = [
+        sys.executable,
+        "-m",
+        "pytest",
+        "-q",
+        "-x",
+        "-p",
+        "no:cacheprovider",
+        "-rfE",
+        f"--basetemp={basetemp}",
+        *tests,
+    ]
+    if k:
+        command += ["-k", k]
+    process = subprocess.Popen(
+        command,
+        cwd=copy,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,  # Its own process group: a timeout ends its subprocesses too.
+    )
+    with _running_lock:
+        _running.add(process.pid)
+    try:
+        output, _ = process.communicate(timeout=timeout)
+        return process.returncode, output
+    except subprocess.TimeoutExpired:
+        _kill_group(process.pid)
+        output, _ = process.communicate()
+        return None, output
+    finally:
+        with _running_lock:
+            _running.discard(process.pid)
+
+
+def _kill_group(pgid: int) -> None:
+    try:
+        os.killpg(pgid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+
+
+_FAILURE = re.compile(r"^(FAILED|ERROR) (.*)$", re.M)
+
+
+def first_failure(output: str) -> str:
+    match = _FAILURE.search(output)
+    if match:
+        return f"{match.group(1)} {match.group(2)}"[:160]
+    lines = [line for line in output.splitlines() if line.strip()]
+    return lines[-1][:160] if lines else "(no output)"
+
+
+def last_line(output: str) -> str:
+    lines = [line.strip("= ") for line in output.splitlines() if line.strip()]
+    return lines[-1][:160] if lines else "(no output)"
+
+
+def run_one(
+    m: Mutation | None,
+    tests: tuple[str, ...],
+    k: str | None,
+    label: str,
+    base: Path,
+    cache_dir: Path,
+    timeout: float,
+    keep: bool,
+) -> Outcome:
+    """Copy, mutate (unless `m` is None: a baseline run), run the selection, classify."""
+    start = time.perf_counter()
+    folder = Path(tempfile.mkdtemp(prefix=f"{label}.", dir=base))
+    copy = folder / "repo"
+    try:
+        make_copy(copy)
+        if m is not None:
+            apply_mutation(copy, m)
+        env = environment(copy, cache_dir)
+        check_imports_copy(copy, env, folder)
+        present, missing = existing_selection(copy, tests)
+        note = f" (no {', '.join(missing)} yet)" if missing else ""
+        if not present:
+            detail = f"no selected test file exists yet: {', '.join(missing)}"
+            return Outcome(label, "NOTEST", time.perf_counter() - start, detail)
+        rc, output = run_pytest(copy, present, k, env, folder / "pytest_tmp", timeout)
+        log = folder / "pytest.log"
+        log.write_text(output)
+        seconds = time.perf_counter() - start
+        if rc is None:
+            return Outcome(label, "TIMEOUT", seconds, f"over {timeout:.0f} s{note}", str(log))
+        if rc in (1, 2):  # Tests failed, or collection broke (the mutated code did not import).
+            status = "CAUGHT" if m is not None else "FAILED"
+            return Outcome(label, status, seconds, first_failure(output) + note, str(log))
+        if rc == 0:
+            status = "MISSED" if m is not None else "PASSED"
+            return Outcome(label, status, seconds, last_line(output) + note, str(log))
+        if rc == 5:
+            return Outcome(label, "NOTEST", seconds, "no test selected" + note, str(log))
+        return Outcome(label, "ERROR", seconds, f"pytest exit {rc}: {last_line(output)}", str(log))
+    finally:
+        if not keep:
+            shutil.rmtree(folder, ignore_errors=True)
+
+
+def report(outcome: Outcome, keep: bool) -> None:
+    line = f"{outcome.status:<8}{outcome.seconds:7.1f} s  {outcome.name:<40} {outcome.detail}"
+    if keep and outcome.log:
+        line += f"\n{'':17}log: {outcome.log}"
+    with _print_lock:
+        print(line, flush=True)
+
+
+def run_all(jobs, args: argparse.Namespace, base: Path, cache_dir: Path) -> list[Outcome]:
+    """Run (mutation, tests, k, label) jobs on `args.jobs` workers; report each as it ends."""
+    outcomes: dict[str, Outcome] = {}
+    with concurrent.futures.ThreadPoolExecutor(max_workers=args.jobs) as pool:
+        futures = {
+            pool.submit(
+                run_one, m, tests, k, label, base, cache_dir, args.timeout, args.keep
+            ): label
+            for m, tests, k, label in jobs
+        }
+        for future in concurrent.futures.as_completed(futures):
+            outcome = future.result()
+            outcomes[outcome.name] = outcome
+            report(outcome, args.keep)
+    return [outcomes[label] for *_, label in jobs]
+
+
+def list_mutations(mutations: tuple[Mutation, ...]) -> None:
+    for m in mutations:
+        selection = " ".join(m.tests) + (f" -k '{m.k}'" if m.k else "")
+        print(f"{m.name}\n    {PACKAGE}/{m.file}: {m.breaks}\n    tests: {selection}")
+    print(f"{len(mutations)} mutations.")
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--only", nargs="+", metavar="NAME", help="run only these mutations")
+    parser.add_argument("--list", action="store_true", help="list the mutations and exit")
+    parser.add_argument("--jobs", type=int, default=1, help="mutations run at once (default 1)")
+    parser.add_argument(
+        "--timeout", type=float, default=900, help="seconds per pytest run (default 900)"
+    )
+    parser.add_argument(
+        "--baseline",
+        action="store_true",
+        help="first run each selection unmutated; stop if any fails",
+    )
+    parser.add_argument(
+        "--keep", action="store_true", help="keep the copies and pytest logs (paths printed)"
+    )
+    args = parser.parse_args()
+
+    check_mutations(MUTATIONS)  # Always the whole list: it must stay honest.
+    if args.list:
+        list_mutations(MUTATIONS)
+        return 0
+    chosen = MUTATIONS
+    if args.only:
+        known = {m.name for m in MUTATIONS}
+        unknown = [n for n in args.only if n not in known]
+        if unknown:
+            sys.exit(f"Unknown mutation(s): {', '.join(unknown)}; see --list.")
+        chosen = tuple(m for m in MUTATIONS if m.name in args.only)
+
+    started = time.perf_counter()
+    base = Path(tempfile.mkdtemp(prefix="lstm_jax_mutation_"))
+    cache_dir = base / "xla_cache"
+    env_note = os.environ.get(DRACULA_ENV) or (
+        f"{DRACULA_FALLBACK} (fallback)" if DRACULA_FALLBACK.is_file() else "unset: may download"
+    )
+    print(f"{len(chosen)} mutation(s), {args.jobs} at a time; {DRACULA_ENV}={env_note}")
+    try:
+        # The one-time proof that a copy, not the editable install, is imported.
+        probe = base / "import_check"
+        make_copy(probe / "repo")
+        check_imports_copy(probe / "repo", environment(probe / "repo", cache_dir), probe)
+        shutil.rmtree(probe)
+        print(f"import check: with PYTHONPATH=<copy>, lstm_jax is imported from the copy ({base})")
+
+        if args.baseline:
+            selections = list(dict.fromkeys((m.tests, m.k) for m in chosen))
+            jobs = [(None, t, k, f"baseline-{i}") for i, (t, k) in enumerate(selections)]
+            print(f"baseline: {len(jobs)} selection(s) on an unmutated copy")
+            outcomes = run_all(jobs, args, base, cache_dir)
+            failed = False
+            for (_, tests, k, _), o in zip(jobs, outcomes, strict=True):
+                if o.status not in ("PASSED", "NOTEST"):
+                    failed = True
+                    print(f"baseline {o.status}: {' '.join(tests)} -k {k!r}: {o.detail}")
+            if failed:
+                print("The selections must pass without a mutation; fix that first.")
+                return 2
+
+        jobs = [(m, m.tests, m.k, m.name) for m in chosen]
+        outcomes = run_all(jobs, args, base, cache_dir)
+    except KeyboardInterrupt:
+        with _running_lock:
+            for pgid in list(_running):
+                _kill_group(pgid)
+        print("interrupted", file=sys.stderr)
+        return 130
+    finally:
+        if not args.keep:
+            shutil.rmtree(base, ignore_errors=True)
+
+    caught = sum(o.status == "CAUGHT" for o in outcomes)
+    total = time.perf_counter() - started
+    print(f"{caught} of {len(outcomes)} caught in {total:.0f} s", end="")
+    print(f"; kept in {base}" if args.keep else "")
+    not_caught = [o.name for o in outcomes if o.status != "CAUGHT"]
+    if not_caught:
+        print("not caught: " + ", ".join(not_caught))
+    return 0 if caught == len(outcomes) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
