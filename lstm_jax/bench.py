@@ -1,27 +1,28 @@
 """Speed benchmark: training chars/s, FLOP utilisation, generation chars/s, and a PyTorch peer.
 
-Training is measured with the real pieces, as `lstm_jax.train` uses them: `CharLSTM`, the
-pmapped `parallel.train_step` over the chosen devices, the state replicated with
-`parallel.replicate`, and batches (random character ids made on the host) sharded with
-`parallel.shard`. The first call is timed apart as compile time; warm-up steps are not timed;
-each timed window ends when the device work is done, and the medians over windows are reported.
+Training is timed with the pieces `lstm_jax.train` uses: `steps.init_state`, the pmapped
+`parallel.train_step`, the state replicated and random character ids sharded over the devices.
+The first call is timed apart as compile time, then untimed steps warm up; each timed window
+ends when the device work is done, and medians over windows are reported. Model FLOPs per
+character are counted from the cells' matmuls (`Cell.flops_per_step`).
 
-    python -m lstm_jax.bench                       # the headline 2x512 model on all devices
+    python -m lstm_jax.bench                       # the headline 2x512 LSTM on all devices
     python -m lstm_jax.bench --compare=pytorch     # plus the same model in PyTorch, interleaved
-    python -m lstm_jax.bench --hidden=128 --num_layers=1 --json=/tmp/bench.json
+    python -m lstm_jax.bench --cell=gru --hidden=128 --num_layers=1 --json=/tmp/bench.json
 
-Prints a table on stdout and writes every number to --json.
+Model, batch and step come from the training flags (`lstm_jax.main`'s), by default with the step
+the PyTorch peer runs (Adam, no dropout). `--flagfile=runs/NAME/flags.txt` (every setting of a
+run) times that run's model and step; the flags that do not change the step, such as --workdir,
+are ignored. Prints a table and writes every number to --json.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import importlib.util
 import json
-import logging as pylogging
 import os
-import statistics
-import sys
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -32,185 +33,124 @@ import flax
 import jax
 import jax.numpy as jnp
 import numpy as np
-from absl import app, flags, logging
+from absl import logging
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from lstm_jax import parallel
-from lstm_jax.config import DTYPES, Config
+from lstm_jax import cli, parallel, steps
+from lstm_jax.config import Config, OptimConfig, RegularizationConfig, leaf_settings, setting
 from lstm_jax.errors import UsageError, UserError
-from lstm_jax.models import CharLSTM, build_model, count_params, init_params
-from lstm_jax.sample import generate
-from lstm_jax.train import create_train_state
+from lstm_jax.generate import generate
+from lstm_jax.models import CharLSTM, count_params, forward_flops_per_char
 
 PEER_PATH = Path(__file__).resolve().parents[1] / "experiments" / "peers" / "pytorch_lstm.py"
 PEERS = ("pytorch",)
+# What the peer (experiments/peers/pytorch_lstm.py) runs whatever the flags say, so what
+# --compare needs; it also needs an embedding (--embed_dim > 0).
+PEER_SETTINGS = {
+    "cell": "lstm", "dtype": "float32", "residual": False, "layer_norm": False,
+    "tie_embeddings": False, "dropout": 0.0, "optimizer": "adam", "weight_decay": 0.0,
+    "learning_rate": 2e-3, "grad_clip": 5.0, "carry_state": True,
+}  # fmt: skip
 NUM_HOST_BATCHES = 4  # Distinct random batches, cycled (the peer uses as many).
 MATMUL_RUNS = 5
 GENERATE_BATCHES = (1, 64)
-LEARNING_RATE = 2e-3  # The training default, and the peer's.
-GRAD_CLIP = 5.0
+# Recorded under "settings" in the JSON: how the run timed, and the step it timed.
+TIMING_SETTINGS = ("untimed_steps", "windows", "steps_per_window", "generate_length")
+STEP_SETTINGS = "optimizer learning_rate weight_decay grad_clip dropout carry_state".split()
 
-# --- Flags (this command's own; lstm_jax.cli's would clash) ---
-_HIDDEN = flags.DEFINE_integer("hidden", 512, "LSTM units per layer. Default 512.")
-_NUM_LAYERS = flags.DEFINE_integer("num_layers", 2, "Stacked LSTM layers. Default 2.")
-_EMBED_DIM = flags.DEFINE_integer("embed_dim", 64, "Character embedding size. Default 64.")
-_VOCAB_SIZE = flags.DEFINE_integer(
-    "vocab_size", 96, "Characters in the vocabulary. Default 96 (Dracula's)."
-)
-_BATCH = flags.DEFINE_integer(
-    "batch", 64, "Sequences per training step, over all devices. Default 64."
-)
-_SEQ_LEN = flags.DEFINE_integer("seq_len", 100, "Characters per training sequence. Default 100.")
-_DTYPE = flags.DEFINE_enum(
-    "dtype",
-    "float32",
-    list(DTYPES),
-    "Compute dtype of the matmuls (parameters stay float32); the peak is measured in it too.",
-)
-_WARMUP_STEPS = flags.DEFINE_integer(
-    "warmup_steps", 3, "Untimed training steps after the compiling first call. Default 3."
-)
-_WINDOWS = flags.DEFINE_integer(
-    "windows", 5, "Timed windows; medians over them are reported. Default 5."
-)
-_STEPS_PER_WINDOW = flags.DEFINE_integer(
-    "steps_per_window", 10, "Training steps per timed window. Default 10."
-)
-_GENERATE_LENGTH = flags.DEFINE_integer(
-    "generate_length", 500, "Characters generated per timed sampling call. Default 500."
-)
-_MATMUL_SIZE = flags.DEFINE_integer(
-    "matmul_size",
-    0,
-    "Side of the square matmul (in --dtype) timed as the peak FLOP/s. Default 0: 2048 on CPU, "
-    "8192 on accelerators.",
-)
-_COMPARE = flags.DEFINE_enum(
-    "compare",
-    "",
-    ["", *PEERS],
-    "Also time the same model in this framework, window by window in turn with JAX. "
-    "Default empty: JAX only.",
-)
-_REMAT = flags.DEFINE_bool(
-    "remat",
-    False,
-    "Recompute each time step in the backward pass (lstm_jax.main --remat); compare the step "
-    "scratch memory and speed with and without.",
-)
-_JSON = flags.DEFINE_string("json", "bench.json", "Where to write every number, as JSON.")
-_DEVICES = flags.DEFINE_integer(
-    "devices", None, "Local devices to train on, data parallel. Default: all of them."
-)
+
+def _defaults(section: type, **changes: Any) -> Any:
+    return dataclasses.field(default_factory=functools.partial(section, **changes))
+
+
+@dataclasses.dataclass(frozen=True)
+class BenchConfig(Config):
+    """A `Config` with the benchmark's defaults: the step the PyTorch peer runs (Adam, no
+    dropout). Any other training setting is timed by setting its flag."""
+
+    regularization: RegularizationConfig = _defaults(RegularizationConfig, dropout=0.0)
+    optim: OptimConfig = _defaults(OptimConfig, optimizer="adam", weight_decay=0.0)
 
 
 @dataclasses.dataclass(frozen=True)
 class BenchOptions:
-    """What one benchmark run measures; `bench_options_from_flags` builds it on the command line."""
+    """bench: what is timed, how often, and where the numbers go"""
 
-    hidden: int = 512
-    num_layers: int = 2
-    embed_dim: int = 64
-    vocab_size: int = 96
-    batch: int = 64
-    seq_len: int = 100
-    dtype: str = "float32"
-    warmup_steps: int = 3
-    windows: int = 5
-    steps_per_window: int = 10
-    generate_length: int = 500
-    matmul_size: int = 0  # 0: 2048 on CPU, 8192 elsewhere.
-    compare: str = ""
-    devices: int | None = None  # None: all local devices.
-    remat: bool = False
-
-    def validate(self, local_device_count: int) -> None:
-        """Raise `UsageError` naming the first impossible setting."""
-        positive = {
-            "hidden": self.hidden,
-            "num_layers": self.num_layers,
-            "embed_dim": self.embed_dim,
-            "vocab_size": self.vocab_size,
-            "batch": self.batch,
-            "seq_len": self.seq_len,
-            "windows": self.windows,
-            "steps_per_window": self.steps_per_window,
-            "generate_length": self.generate_length,
-        }
-        for name, value in positive.items():
-            if value <= 0:
-                raise UsageError(f"--{name} must be positive, got {value}.")
-        if self.warmup_steps < 0:
-            raise UsageError(f"--warmup_steps must be >= 0, got {self.warmup_steps}.")
-        if self.matmul_size < 0:
-            raise UsageError(f"--matmul_size must be >= 0 (0: automatic), got {self.matmul_size}.")
-        if self.dtype not in DTYPES:
-            raise UsageError(f"--dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}.")
-        if self.dtype != "float32" and self.compare:
-            raise UsageError(
-                f"--compare times the peer in float32 only; drop --compare or use "
-                f"--dtype=float32 (got --dtype={self.dtype})."
-            )
-        if self.compare not in ("", *PEERS):
-            raise UsageError(f"--compare must be empty or one of {', '.join(PEERS)}.")
-        if self.devices is not None and not 1 <= self.devices <= local_device_count:
-            raise UsageError(
-                f"--devices must be in [1, {local_device_count}] (local devices), "
-                f"got {self.devices}."
-            )
-        num_devices = self.devices or local_device_count
-        if self.batch % num_devices:
-            raise UsageError(
-                f"--batch={self.batch} does not divide over {num_devices} devices; use a "
-                f"multiple of {num_devices} or set --devices."
-            )
+    vocab_size: int = setting(96, "Characters in the vocabulary (random ids); Dracula has 96.")
+    untimed_steps: int = setting(3, "Untimed training steps after the compiling first call.")
+    windows: int = setting(5, "Timed windows (and generation calls); medians are reported.")
+    steps_per_window: int = setting(10, "Training steps per timed window.")
+    generate_length: int = setting(500, "Characters generated per timed sampling call.")
+    matmul_size: int = setting(
+        0, "Side of the square matmul (in --dtype) timed as the peak FLOP/s; 0: 2048 on CPU, "
+        "8192 on accelerators."
+    )  # fmt: skip
+    compare: str = setting(
+        "", "Also time the same model in this framework, window by window in turn with JAX; it "
+        "needs the peer's step (--cell=lstm, float32, Adam, no dropout). Empty: JAX only.",
+        choices=("", *PEERS),
+    )  # fmt: skip
+    devices: int = setting(0, "Local devices to train on, data parallel; 0: all of them.")
+    json_path: str = setting("bench.json", "Where to write every number, as JSON.", flag="json")
 
 
-def flops_per_char(vocab_size: int, embed_dim: int, hidden: int, num_layers: int) -> int:
-    """Model FLOPs to train on one character (forward and backward), counted analytically.
-
-    Forward, per character: each LSTM layer computes its 4 gates from the layer input and the
-    previous hidden state, 4 * (input_size + hidden) * hidden multiply-adds = 2 FLOPs each, with
-    input_size = embed_dim for the first layer and hidden after it; the output Dense adds
-    hidden * vocab_size * 2. Training counts 3x the forward (the backward pass is 2 matmuls per
-    forward matmul: gradients for the inputs and for the weights):
-
-        flops_per_char = 3 * (sum_l 4 * (input_size_l + hidden) * hidden * 2
-                              + hidden * vocab_size * 2)
-
-    The embedding lookup, biases, gate nonlinearities, the loss and the optimizer update are not
-    counted (they are not matmuls and are small next to them).
-    """
-    forward = 0
-    for layer in range(num_layers):
-        input_size = embed_dim if layer == 0 else hidden
-        forward += 4 * (input_size + hidden) * hidden * 2
-    forward += hidden * vocab_size * 2
-    return 3 * forward
-
-
-def _median(values: Sequence[float]) -> float:
-    return float(statistics.median(values))
-
-
-def _block(tree: Any) -> None:
-    jax.block_until_ready(tree)
+def validate(config: Config, options: BenchOptions, local_device_count: int) -> None:
+    """Raise `UsageError` naming the first impossible setting; before any compile or import."""
+    config.validate()
+    for name in ("vocab_size", "windows", "steps_per_window", "generate_length"):
+        if getattr(options, name) <= 0:
+            raise UsageError(f"--{name} must be positive, got {getattr(options, name)}.")
+    for name in ("untimed_steps", "matmul_size"):
+        if getattr(options, name) < 0:
+            raise UsageError(f"--{name} must be >= 0, got {getattr(options, name)}.")
+    count, batch = local_device_count, config.data.global_batch
+    if not 0 <= options.devices <= count:
+        raise UsageError(f"--devices must be in [0, {count}] (0: all), got {options.devices}.")
+    num_devices = options.devices or count
+    if batch % num_devices:
+        raise UsageError(
+            f"--global_batch={batch} does not divide over {num_devices} devices; use a multiple "
+            f"of {num_devices} or set --devices."
+        )
+    ours = {f.name: value for f, value in leaf_settings(config)}
+    differ = [f"--{k}={ours[k]} (peer: {v})" for k, v in PEER_SETTINGS.items() if ours[k] != v]
+    differ += [] if config.model.embed_dim else ["--embed_dim=0 (peer: an embedding)"]
+    if options.compare and differ:
+        raise UsageError(
+            f"--compare={options.compare} times the peer's fixed step, an nn.LSTM in float32 with "
+            f"Adam and no dropout; this one differs: {', '.join(differ)}. Drop --compare or those."
+        )
 
 
-# --- The PyTorch peer ------------------------------------------------------------------------
+def _seconds(call: Callable[[], Any], runs: int) -> tuple[float, list[float]]:
+    """Seconds of a first call (which compiles), then of `runs` more, each until done."""
+    seconds = []
+    for _ in range(runs + 1):
+        start = time.perf_counter()
+        jax.block_until_ready(call())
+        seconds.append(time.perf_counter() - start)
+    return seconds[0], seconds[1:]
+
+
+def _rates(window_seconds: list[float], chars_per_window: int, steps: int) -> dict[str, Any]:
+    median = float(np.median(window_seconds))
+    return {
+        "chars_per_second": chars_per_window / median,
+        "step_seconds": median / steps,
+        "window_seconds": window_seconds,
+        "window_chars_per_second": [chars_per_window / s for s in window_seconds],
+    }
 
 
 def load_peer(name: str) -> ModuleType:
     """The peer's module, loaded from experiments/peers by path; `UsageError` if it cannot run."""
-    if name != "pytorch":
+    if name not in PEERS:
         raise UsageError(f"Unknown peer {name!r}; known: {', '.join(PEERS)}.")
     try:
         import torch  # noqa: F401
     except ImportError as e:
-        raise UsageError(
-            f"--compare=pytorch needs PyTorch, which does not import ({e}): "
-            "pip install -e '.[peers]'"
-        ) from None
+        message = f"--compare=pytorch needs PyTorch, which does not import ({e})"
+        raise UsageError(f"{message}: pip install -e '.[peers]'") from None
     if not PEER_PATH.is_file():
         raise UserError(f"--compare=pytorch needs {PEER_PATH}, from a checkout of the repository.")
     spec = importlib.util.spec_from_file_location("lstm_jax_peer_pytorch", PEER_PATH)
@@ -219,17 +159,23 @@ def load_peer(name: str) -> ModuleType:
     return module
 
 
-def _peer_device(platform: str) -> str:
-    """The torch device that matches JAX's: CUDA when JAX trains on a GPU and torch has CUDA."""
+def _start_peer(peer: ModuleType, config: Config, options: BenchOptions, platform: str) -> Any:
+    """The peer's trainer, on CUDA when JAX trains on a GPU and torch has CUDA, warmed up."""
     import torch
 
-    return "cuda" if platform == "gpu" and torch.cuda.is_available() else "cpu"
-
-
-# --- Measurements ------------------------------------------------------------------------------
+    model, data = config.model, config.data
+    trainer = peer.build_trainer(
+        vocab_size=options.vocab_size, embed_dim=model.embed_dim, hidden=model.hidden,
+        num_layers=model.num_layers, batch=data.global_batch, seq_len=data.seq_len,
+        device="cuda" if platform == "gpu" and torch.cuda.is_available() else "cpu",
+        num_threads=os.cpu_count(),
+    )  # fmt: skip
+    trainer.train_window(max(options.untimed_steps, 1))
+    return trainer
 
 
 def measure_training(
+    config: Config,
     options: BenchOptions,
     devices: Sequence[jax.Device],
     *,
@@ -240,113 +186,62 @@ def measure_training(
 
     Returns (training numbers, peer numbers or None, the model, its initial parameters).
     """
-    num_devices = len(devices)
-    config = Config(
-        embed_dim=options.embed_dim,
-        hidden=options.hidden,
-        num_layers=options.num_layers,
-        seq_len=options.seq_len,
-        global_batch=options.batch,
-        # Pinned, not the training defaults, so the step matches the peer's: no dropout, Adam.
-        dropout=0.0,
-        optimizer="adam",
-        weight_decay=0.0,
-        learning_rate=LEARNING_RATE,
-        grad_clip=GRAD_CLIP,
-        dtype=options.dtype,
-        remat=options.remat,
-    )
-    total_steps = 1 + options.warmup_steps + options.windows * options.steps_per_window
-    model = build_model(config, options.vocab_size)
-    init_key, dropout_key = jax.random.split(jax.random.key(0))
-    params = init_params(model, init_key)
-    state = create_train_state(model, params, config, total_steps, dropout_key)
-    state = parallel.replicate(state, devices)
+    num_devices, batch, seq_len = len(devices), config.data.global_batch, config.data.seq_len
+    total_steps = 1 + options.untimed_steps + options.windows * options.steps_per_window
+    model, state = steps.init_state(config, options.vocab_size, total_steps)
+    params, state = state.params, parallel.replicate(state, devices)
     carry = jax.tree.map(
-        lambda c: parallel.shard(np.asarray(c), num_devices),
-        model.initialize_carry(options.batch),
+        lambda c: parallel.shard(np.asarray(c), num_devices), model.initialize_carry(batch)
     )
-    rng = np.random.default_rng(0)
+    rng, shape = np.random.default_rng(0), (batch, seq_len + 1)
     host_batches = [
-        rng.integers(0, options.vocab_size, (options.batch, options.seq_len + 1), dtype=np.int32)
+        parallel.shard(rng.integers(0, options.vocab_size, shape, np.int32), num_devices)
         for _ in range(NUM_HOST_BATCHES)
     ]
     log(f"Compiling the train step for {num_devices} device(s)...")
     start = time.perf_counter()
-    # Compiled ahead of time, so that XLA's memory plan for the step can be read (also on CPU,
-    # where the device reports no memory statistics).
-    p_train_step = (
-        parallel.train_step(devices)
-        .lower(state, parallel.shard(host_batches[0], num_devices), carry, True)
-        .compile()
-    )
+    # Compiled ahead of time, so that XLA's memory plan for the step can be read (on CPUs too).
+    p_train_step = parallel.train_step(devices).lower(state, host_batches[0], carry, True).compile()
     memory_plan = p_train_step.memory_analysis()  # None where the backend does not report it.
-    scratch_bytes = None if memory_plan is None else memory_plan.temp_size_in_bytes
     steps_done = 0
 
     def run_steps(count: int) -> None:
         nonlocal state, carry, steps_done
         for _ in range(count):
-            batch = parallel.shard(host_batches[steps_done % len(host_batches)], num_devices)
-            state, carry, _ = p_train_step(state, batch, carry, steps_done == 0)
+            reset = steps_done == 0 or not config.data.carry_state
+            host_batch = host_batches[steps_done % len(host_batches)]
+            state, carry, _ = p_train_step(state, host_batch, carry, reset)
             steps_done += 1
-        _block((state, carry))
+        jax.block_until_ready((state, carry))
 
     run_steps(1)
     compile_seconds = time.perf_counter() - start
-    run_steps(options.warmup_steps)
-
-    peer_trainer = None
-    if peer is not None:
-        peer_device = _peer_device(devices[0].platform)
-        peer_trainer = peer.build_trainer(
-            vocab_size=options.vocab_size,
-            embed_dim=options.embed_dim,
-            hidden=options.hidden,
-            num_layers=options.num_layers,
-            batch=options.batch,
-            seq_len=options.seq_len,
-            device=peer_device,
-            num_threads=os.cpu_count(),
-        )
-        peer_trainer.train_window(max(options.warmup_steps, 1))
-
-    chars_per_window = options.batch * options.seq_len * options.steps_per_window
-    window_seconds, peer_window_seconds = [], []
+    run_steps(options.untimed_steps)
+    trainer = None if peer is None else _start_peer(peer, config, options, devices[0].platform)
+    window_seconds, peer_seconds = [], []
     for window in range(options.windows):
         start = time.perf_counter()
         run_steps(options.steps_per_window)
         window_seconds.append(time.perf_counter() - start)
-        if peer_trainer is not None:
-            peer_window_seconds.append(peer_trainer.train_window(options.steps_per_window))
+        if trainer is not None:
+            peer_seconds.append(trainer.train_window(options.steps_per_window))
         log(f"Training window {window + 1}/{options.windows} done.")
 
-    memory = [device.memory_stats() for device in devices]
-    peak_bytes = [stats.get("peak_bytes_in_use") for stats in memory if stats]
+    chars, steps_per_window = batch * seq_len * options.steps_per_window, options.steps_per_window
+    peak_bytes = [(d.memory_stats() or {}).get("peak_bytes_in_use") for d in devices]
     training = {
         "compile_seconds": compile_seconds,
-        "chars_per_second": chars_per_window / _median(window_seconds),
-        "step_seconds": _median(window_seconds) / options.steps_per_window,
-        "window_seconds": window_seconds,
-        "window_chars_per_second": [chars_per_window / s for s in window_seconds],
-        "peak_memory_bytes": max(peak_bytes) if peak_bytes and None not in peak_bytes else None,
-        "step_scratch_bytes": scratch_bytes,
+        **_rates(window_seconds, chars, steps_per_window),
+        "peak_memory_bytes": None if None in peak_bytes else max(peak_bytes),
+        "step_scratch_bytes": None if memory_plan is None else memory_plan.temp_size_in_bytes,
     }
-    peer_numbers = None
-    if peer_trainer is not None:
-        import torch
+    if trainer is None:
+        return training, None, model, params
+    import torch
 
-        peer_numbers = {
-            "peer": "pytorch",
-            "torch_version": torch.__version__,
-            "device": peer_device,
-            "num_threads": torch.get_num_threads(),
-            "chars_per_second": chars_per_window / _median(peer_window_seconds),
-            "step_seconds": _median(peer_window_seconds) / options.steps_per_window,
-            "window_seconds": peer_window_seconds,
-            "window_chars_per_second": [chars_per_window / s for s in peer_window_seconds],
-        }
-    return training, peer_numbers, model, params
+    peer_numbers = {"peer": "pytorch", "torch_version": torch.__version__}
+    peer_numbers |= {"device": trainer.device.type, "num_threads": torch.get_num_threads()}
+    return training, peer_numbers | _rates(peer_seconds, chars, steps_per_window), model, params
 
 
 def measure_matmul_peak(
@@ -354,64 +249,39 @@ def measure_matmul_peak(
 ) -> dict[str, Any]:
     """FLOP/s of a jitted [size, size] @ [size, size] matmul in `dtype` on every device at once.
 
-    The matmuls run side by side (one per device, sharded over the same devices as training),
-    so the peak is the aggregate the training step could reach, also when several (fake) CPU
+    The matmuls run side by side (one per device, sharded over the devices training uses), so
+    the peak is the aggregate the training step could reach, also when several (fake) CPU
     devices share one processor. Default matmul precision, as in the model.
     """
     mesh = Mesh(np.asarray(devices), (parallel.AXIS,))
-    sharding = NamedSharding(mesh, PartitionSpec(parallel.AXIS))
-    shape = (len(devices), size, size)
+    sharding, shape = NamedSharding(mesh, PartitionSpec(parallel.AXIS)), (len(devices), size, size)
     make = jax.jit(
         lambda key: jax.random.normal(key, shape, jnp.dtype(dtype)), out_shardings=sharding
     )
     a, b = make(jax.random.key(1)), make(jax.random.key(2))
     matmul = jax.jit(jnp.matmul, out_shardings=sharding)
-    _block(matmul(a, b))  # Compile.
-    run_seconds = []
-    for _ in range(runs):
-        start = time.perf_counter()
-        _block(matmul(a, b))
-        run_seconds.append(time.perf_counter() - start)
-    flops = len(devices) * 2 * size**3
-    return {
-        "size": size,
-        "dtype": dtype,
-        "run_seconds": run_seconds,
-        "flops_per_second": flops / _median(run_seconds),
-    }
+    _, run_seconds = _seconds(lambda: matmul(a, b), runs)
+    peak = len(devices) * 2 * size**3 / float(np.median(run_seconds))
+    return dict(size=size, dtype=dtype, run_seconds=run_seconds, flops_per_second=peak)
 
 
 def measure_generation(
-    model: CharLSTM,
-    params: Any,
-    device: jax.Device,
-    *,
-    batch: int,
-    length: int,
-    runs: int,
+    model: CharLSTM, params: Any, device: jax.Device, *, batch: int, length: int, runs: int
 ) -> dict[str, Any]:
-    """chars/s of `lstm_jax.sample.generate` for `batch` samples of `length` characters."""
+    """chars/s of `lstm_jax.generate.generate` for `batch` samples of `length` characters."""
     params = jax.device_put(params, device)
     prompt_ids = jax.device_put(jnp.zeros((batch, 1), jnp.int32), device)
     key = jax.device_put(jax.random.key(0), device)
-
-    def call() -> float:
-        start = time.perf_counter()
-        _block(generate(model, params, prompt_ids, key, 1.0, length=length))
-        return time.perf_counter() - start
-
-    compile_seconds = call()
-    run_seconds = [call() for _ in range(runs)]
-    return {
-        "batch": batch,
-        "length": length,
-        "compile_seconds": compile_seconds,
-        "run_seconds": run_seconds,
-        "chars_per_second": batch * length / _median(run_seconds),
-    }
+    compile_seconds, run_seconds = _seconds(
+        lambda: generate(model, params, prompt_ids, key, 1.0, length=length), runs
+    )
+    speed = batch * length / float(np.median(run_seconds))
+    numbers = dict(batch=batch, length=length, compile_seconds=compile_seconds)
+    return numbers | dict(run_seconds=run_seconds, chars_per_second=speed)
 
 
 def run_benchmark(
+    config: Config,
     options: BenchOptions,
     *,
     peer: ModuleType | None = None,
@@ -419,40 +289,33 @@ def run_benchmark(
 ) -> dict[str, Any]:
     """Every measurement of one run, as a JSON-ready dict."""
     local = jax.local_devices()
-    options.validate(len(local))
+    validate(config, options, len(local))
     devices = local[: options.devices or len(local)]
-    platform = devices[0].platform
+    platform, dtype = devices[0].platform, config.compute.dtype
     matmul_size = options.matmul_size or (2048 if platform == "cpu" else 8192)
-
-    training, peer_numbers, model, params = measure_training(options, devices, peer=peer, log=log)
-    log(f"Timing a {matmul_size}x{matmul_size} {options.dtype} matmul for the peak FLOP/s...")
-    matmul = measure_matmul_peak(devices, matmul_size, dtype=options.dtype)
-    char_flops = flops_per_char(
-        options.vocab_size, options.embed_dim, options.hidden, options.num_layers
-    )
-    training["flops_per_char"] = char_flops
-    training["flops_per_second"] = char_flops * training["chars_per_second"]
-    training["utilisation"] = training["flops_per_second"] / matmul["flops_per_second"]
-
-    generation = {}
+    measured = measure_training(config, options, devices, peer=peer, log=log)
+    train, peer_numbers, model, params = measured
+    log(f"Timing a {matmul_size}x{matmul_size} {dtype} matmul for the peak FLOP/s...")
+    matmul = measure_matmul_peak(devices, matmul_size, dtype=dtype)
+    # Training: the forward, and twice its matmuls backward (gradients of inputs and weights).
+    train["flops_per_char"] = 3 * forward_flops_per_char(config.model, options.vocab_size)
+    train["flops_per_second"] = train["flops_per_char"] * train["chars_per_second"]
+    train["utilisation"] = train["flops_per_second"] / matmul["flops_per_second"]
+    generation, length, runs = {}, options.generate_length, options.windows
     for batch in GENERATE_BATCHES:
         log(f"Timing generation at batch {batch}...")
         generation[f"batch_{batch}"] = measure_generation(
-            model,
-            params,
-            devices[0],
-            batch=batch,
-            length=options.generate_length,
-            runs=options.windows,
+            model, params, devices[0], batch=batch, length=length, runs=runs
         )
-
-    comparison = None
+    compare = None
     if peer_numbers is not None:
-        comparison = {
-            **peer_numbers,
-            "jax_chars_per_second": training["chars_per_second"],
-            "jax_over_peer": training["chars_per_second"] / peer_numbers["chars_per_second"],
-        }
+        ratio = train["chars_per_second"] / peer_numbers["chars_per_second"]
+        compare = peer_numbers | {"jax_chars_per_second": train["chars_per_second"]}
+        compare["jax_over_peer"] = ratio
+    flat = {f.name: value for f, value in leaf_settings(config)}
+    sizes = dataclasses.asdict(config.model) | {"vocab_size": options.vocab_size}
+    sizes |= {name: flat[name] for name in ("global_batch", "seq_len", "dtype", "remat")}
+    settings = {name: getattr(options, name) for name in TIMING_SETTINGS}
     return {
         "jax_version": jax.__version__,
         "flax_version": flax.__version__,
@@ -460,35 +323,13 @@ def run_benchmark(
         "device_kind": devices[0].device_kind,
         "num_devices": len(devices),
         "cpu_count": os.cpu_count(),
-        "sizes": {
-            "hidden": options.hidden,
-            "num_layers": options.num_layers,
-            "embed_dim": options.embed_dim,
-            "vocab_size": options.vocab_size,
-            "batch": options.batch,
-            "seq_len": options.seq_len,
-            "dtype": options.dtype,
-            "remat": options.remat,
-            "parameters": count_params(params),
-        },
-        "settings": {
-            "warmup_steps": options.warmup_steps,
-            "windows": options.windows,
-            "steps_per_window": options.steps_per_window,
-            "generate_length": options.generate_length,
-            "optimizer": "adam",
-            "learning_rate": LEARNING_RATE,
-            "grad_clip": GRAD_CLIP,
-            "dropout": 0.0,
-        },
-        "train": training,
+        "sizes": sizes | {"parameters": count_params(params)},
+        "settings": settings | {name: flat[name] for name in STEP_SETTINGS},
+        "train": train,
         "matmul": matmul,
         "generate": generation,
-        "compare": comparison,
+        "compare": compare,
     }
-
-
-# --- Output ------------------------------------------------------------------------------------
 
 
 def _si(value: float, unit: str) -> str:
@@ -501,100 +342,57 @@ def _si(value: float, unit: str) -> str:
 def format_table(results: dict[str, Any]) -> str:
     """The run's headline numbers as an aligned two-column table."""
     sizes, train, matmul = results["sizes"], results["train"], results["matmul"]
+    settings, compare = results["settings"], results["compare"]
     peak_memory, scratch = train["peak_memory_bytes"], train["step_scratch_bytes"]
+    peak = matmul["flops_per_second"]
+    extras = [name for name in ("residual", "layer_norm", "tie_embeddings") if sizes[name]]
+    extras += ["--remat"] if sizes["remat"] else []
+    model = f"{sizes['num_layers']}x{sizes['hidden']} {sizes['cell']}, embed {sizes['embed_dim']}"
+    model += f", vocab {sizes['vocab_size']}, {sizes['parameters']:,} parameters"
     rows = [
         ("device", f"{results['device_kind']} x{results['num_devices']} ({results['platform']})"),
         ("jax", results["jax_version"]),
-        (
-            "model",
-            f"{sizes['num_layers']}x{sizes['hidden']} LSTM, embed {sizes['embed_dim']}, "
-            f"vocab {sizes['vocab_size']}, {sizes['parameters']:,} parameters, {sizes['dtype']}"
-            + (", --remat" if sizes["remat"] else ""),
-        ),
-        ("batch", f"{sizes['batch']} x {sizes['seq_len']} characters"),
+        ("model", ", ".join([model, sizes["dtype"], *extras])),
+        ("batch", f"{sizes['global_batch']} x {sizes['seq_len']} characters"),
+        ("train step", f"{settings['optimizer']}, dropout {settings['dropout']}"),
         ("train compile (first call)", f"{train['compile_seconds']:.2f} s"),
         ("train chars/s (median)", f"{train['chars_per_second']:,.0f}"),
         ("train step time (median)", f"{train['step_seconds'] * 1e3:.2f} ms"),
         ("peak device memory", "n/a" if peak_memory is None else _si(peak_memory, "B")),
-        (
-            "train step scratch memory (XLA)",
-            "n/a" if scratch is None else _si(scratch, "B"),
-        ),
+        ("train step scratch memory (XLA)", "n/a" if scratch is None else _si(scratch, "B")),
         ("model FLOPs per char", f"{train['flops_per_char']:,}"),
         ("achieved", _si(train["flops_per_second"], "FLOP/s")),
-        (
-            f"matmul peak ({matmul['size']}^2 {matmul['dtype']})",
-            _si(matmul["flops_per_second"], "FLOP/s"),
-        ),
+        (f"matmul peak ({matmul['size']}^2 {matmul['dtype']})", _si(peak, "FLOP/s")),
         ("utilisation", f"{train['utilisation']:.1%}"),
     ]
     for name, numbers in results["generate"].items():
-        rows.append(
-            (
-                f"generate {name.replace('_', ' ')}",
-                f"{numbers['chars_per_second']:,.0f} chars/s "
-                f"(compile {numbers['compile_seconds']:.2f} s)",
-            )
-        )
-    compare = results["compare"]
+        speed, compile_seconds = numbers["chars_per_second"], numbers["compile_seconds"]
+        label = f"generate {name.replace('_', ' ')}"
+        rows.append((label, f"{speed:,.0f} chars/s (compile {compile_seconds:.2f} s)"))
     if compare is not None:
-        rows += [
-            (
-                f"{compare['peer']} chars/s (median)",
-                f"{compare['chars_per_second']:,.0f} (torch {compare['torch_version']}, "
-                f"{compare['device']}, {compare['num_threads']} threads)",
-            ),
-            (f"jax / {compare['peer']}", f"{compare['jax_over_peer']:.2f}x"),
-        ]
+        peer, speed = compare["peer"], compare["chars_per_second"]
+        torch = f"torch {compare['torch_version']}, {compare['device']}"
+        torch += f", {compare['num_threads']} threads"
+        rows.append((f"{peer} chars/s (median)", f"{speed:,.0f} ({torch})"))
+        rows.append((f"jax / {peer}", f"{compare['jax_over_peer']:.2f}x"))
     width = max(len(label) for label, _ in rows)
     return "\n".join(f"{label.ljust(width)}  {value}" for label, value in rows)
 
 
-# --- Command line ------------------------------------------------------------------------------
-
-
-def bench_options_from_flags() -> BenchOptions:
-    return BenchOptions(
-        hidden=_HIDDEN.value,
-        num_layers=_NUM_LAYERS.value,
-        embed_dim=_EMBED_DIM.value,
-        vocab_size=_VOCAB_SIZE.value,
-        batch=_BATCH.value,
-        seq_len=_SEQ_LEN.value,
-        dtype=_DTYPE.value,
-        warmup_steps=_WARMUP_STEPS.value,
-        windows=_WINDOWS.value,
-        steps_per_window=_STEPS_PER_WINDOW.value,
-        generate_length=_GENERATE_LENGTH.value,
-        matmul_size=_MATMUL_SIZE.value,
-        compare=_COMPARE.value,
-        devices=_DEVICES.value,
-        remat=_REMAT.value,
-    )
-
-
 def main(argv: list[str]) -> None:
     logging.set_verbosity(logging.INFO)
-    try:
-        if len(argv) > 1:
-            raise UsageError(
-                f"Unexpected arguments: {' '.join(argv[1:])}; flags look like --name=value."
-            )
-        options = bench_options_from_flags()
-        options.validate(jax.local_device_count())  # Before loading torch or compiling.
+    with cli.user_errors():
+        cli.refuse_positional_arguments(argv)
+        config, options = cli.read_flags(BenchConfig), cli.read_flags(BenchOptions)
+        validate(config, options, jax.local_device_count())  # Before loading torch, compiling.
         peer = load_peer(options.compare) if options.compare else None
-        results = run_benchmark(options, peer=peer)
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(e.exit_code)
+        results = run_benchmark(config, options, peer=peer)
     print(format_table(results))
-    json_path = Path(_JSON.value).expanduser()
+    json_path = Path(options.json_path).expanduser()
     json_path.parent.mkdir(parents=True, exist_ok=True)
     json_path.write_text(json.dumps(results, indent=2) + "\n")
     logging.info("Wrote %s.", json_path)
 
 
 if __name__ == "__main__":
-    jax.config.config_with_absl()
-    pylogging.getLogger("jax._src.xla_bridge").setLevel(pylogging.WARNING)
-    app.run(main)
+    cli.run(main, [BenchConfig, BenchOptions])

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
 from etils import epath
@@ -144,34 +145,37 @@ class Checkpoints:
         )
         return restored["params"]
 
-    def restore(self, step: int, state: Any, abstract_carry: Any) -> tuple[Any, Any]:
-        """The train state and carry of `step`, shaped and placed like `state` (a concrete or
-        abstract TrainState) and `abstract_carry`."""
-        abstract = abstract_like_tree(state)
-        if self._is_legacy(step):
+    def restore(
+        self, step: int, state: Any, sharding: jax.sharding.Sharding, abstract_carry: Any
+    ) -> tuple[Any, Any]:
+        """The train state and carry of `step`, shaped like `state` (a fresh train state, whose
+        values only fill what old checkpoints lack) and placed with `sharding`."""
+        abstract = abstract_like(state, sharding)
+        if not self._is_legacy(step):
             restored = self._manager.restore(
                 step,
                 args=ocp.args.Composite(
-                    params=ocp.args.StandardRestore(abstract.params),
-                    opt_state=ocp.args.StandardRestore(abstract.opt_state),
+                    state=ocp.args.StandardRestore(abstract),
                     carry=ocp.args.StandardRestore(abstract_carry),
                 ),
             )
-            step_array = jax.device_put(
-                jax.numpy.asarray(step, jax.numpy.int32), state.step.sharding
-            )
-            restored_state = state.replace(
-                step=step_array, params=restored["params"], opt_state=restored["opt_state"]
-            )
-            return restored_state, restored["carry"]
+            return restored["state"], restored["carry"]
         restored = self._manager.restore(
             step,
             args=ocp.args.Composite(
-                state=ocp.args.StandardRestore(abstract),
+                params=ocp.args.StandardRestore(abstract.params),
+                opt_state=ocp.args.StandardRestore(abstract.opt_state),
                 carry=ocp.args.StandardRestore(abstract_carry),
             ),
         )
-        return restored["state"], restored["carry"]
+        # Old checkpoints did not save the dropout key: it came from the seed, as it does now.
+        restored_state = abstract.replace(
+            step=jax.device_put(np.asarray(step, np.int32), sharding),
+            params=restored["params"],
+            opt_state=restored["opt_state"],
+            dropout_key=jax.device_put(np.asarray(state.dropout_key), sharding),
+        )
+        return restored_state, restored["carry"]
 
     # --- Writing ---
 
@@ -202,14 +206,6 @@ def abstract_like(tree: Any, sharding: jax.sharding.Sharding | None = None) -> A
     return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), tree)
 
 
-def abstract_like_tree(tree: Any) -> Any:
-    """Shapes, dtypes and shardings of a tree of arrays, each leaf placed as it is now."""
-    return jax.tree.map(
-        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None)),
-        tree,
-    )
-
-
 # --- Resuming --------------------------------------------------------------------------------
 
 
@@ -238,6 +234,7 @@ def settings_mismatch(saved: dict[str, Any], current: dict[str, Any]) -> list[st
 def restore_latest_usable(
     checkpoints: Checkpoints,
     state: Any,
+    sharding: jax.sharding.Sharding,
     abstract_carry: Any,
     settings: dict[str, Any],
     vocab_chars: str,
@@ -273,7 +270,7 @@ def restore_latest_usable(
                 "checkpoints aside."
             )
         try:
-            return (step, *checkpoints.restore(step, state, abstract_carry), meta)
+            return (step, *checkpoints.restore(step, state, sharding, abstract_carry), meta)
         except Exception as e:  # noqa: BLE001
             if "structures do not match" in str(e):  # Not damage: another model's tree.
                 raise UserError(

@@ -109,3 +109,20 @@ def init_params(model: CharLSTM, rng: jax.Array) -> Any:
 
 def count_params(params: Any) -> int:
     return sum(int(x.size) for x in jax.tree.leaves(params))
+
+
+def forward_flops_per_char(config: ModelConfig, vocab_size: int) -> int:
+    """Forward matmul FLOPs for one character (a multiply-add counts 2), counted analytically.
+
+    Each layer's cell counts its own step (`Cell.flops_per_step`), with the embedding as the
+    first layer's input (or the one-hot characters, vocab_size wide, when embed_dim is 0) and
+    the layer below's output after that; the output layer adds hidden * vocab_size * 2 (tied or
+    not). The embedding lookup, layer norms, residual adds and dropout are not matmuls and are
+    not counted. Training takes about 3x this (each matmul's backward is two matmuls).
+    """
+    cell = CELLS[config.cell](config.hidden, parent=None)
+    input_dim, flops = config.embed_dim or vocab_size, 0
+    for _ in range(config.num_layers):
+        flops += cell.flops_per_step(input_dim)
+        input_dim = config.hidden
+    return flops + 2 * config.hidden * vocab_size

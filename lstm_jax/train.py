@@ -13,15 +13,12 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import signal
-import threading
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
 import numpy as np
 from absl import logging
-from jax.experimental import multihost_utils
 
 from lstm_jax import parallel
 from lstm_jax.checkpoint import open_checkpoints, restore_latest_usable, workdir_path
@@ -33,6 +30,7 @@ from lstm_jax.generate import sample_text
 from lstm_jax.metrics import MetricsFile, Timer, every, summarise
 from lstm_jax.models import count_params
 from lstm_jax.steps import bits_per_char, init_state, learning_rate_schedule, total_steps
+from lstm_jax.stop import StopSignal
 
 
 @dataclasses.dataclass
@@ -176,7 +174,7 @@ def _train(run: _Run) -> tuple[int, str | None]:
     zero_eval_carry = jax.tree.map(np.zeros_like, run.carry)
     start_step = step = int(run.state.step)
     window_first_step, pending, stopped_by = step, [], None
-    with _StopSignal() as stop:
+    with StopSignal() as stop:
         while step < run.num_steps:
             batch = run.shard(batcher.batch(step, run.data.rows))
             run.state, run.carry, metrics = p_train_step(
@@ -244,11 +242,15 @@ def _resume(config, model, state, checkpoints, data: RunData, devices, log):
     fresh, or those of the newest usable checkpoint."""
     # Restore targets fit this run's devices, whatever the saving run had: the state is
     # replicated over every device of the job, the carry is the whole global batch, on the host.
-    global_state = jax.device_put(state, parallel.global_replicated_sharding(devices))
     whole_carry = model.initialize_carry(config.data.global_batch)
     abstract_carry = jax.tree.map(lambda c: np.zeros(c.shape, c.dtype), whole_carry)
     resumed = restore_latest_usable(
-        checkpoints, global_state, abstract_carry, config.run_settings(), data.vocab.chars
+        checkpoints,
+        state,
+        parallel.global_replicated_sharding(devices),
+        abstract_carry,
+        config.run_settings(),
+        data.vocab.chars,
     )
     if resumed is None:
         carry = jax.tree.map(lambda c: np.asarray(c)[data.rows], whole_carry)
@@ -379,41 +381,6 @@ def _sample_for_log(run: _Run) -> str:
         unknown="skip",
     )
     return f"{prompt}|{text}"
-
-
-class _StopSignal:
-    """Turns SIGTERM/SIGINT into a request to stop after the step in flight (and save).
-
-    A multi-process job must stop every process after the same step, or the next collective
-    hangs. There the signals are left to JAX's preemption notifier (installed by
-    `jax.distributed.initialize`; SIGTERM to any process) and `requested_at` asks it, every
-    step, whether all processes have agreed on this step as the one to stop after.
-    """
-
-    def __init__(self):
-        self.requested: str | None = None
-        self._previous = {}
-        self._multiprocess = jax.process_count() > 1
-
-    def requested_at(self, step: int) -> str | None:
-        if self._multiprocess and multihost_utils.reached_preemption_sync_point(step):
-            self.requested = "a preemption notice (SIGTERM)"
-        return self.requested
-
-    def __enter__(self):
-        if not self._multiprocess and threading.current_thread() is threading.main_thread():
-            for sig in (signal.SIGTERM, signal.SIGINT):
-                self._previous[sig] = signal.signal(sig, self._handle)
-        return self
-
-    def _handle(self, signum, frame):
-        if self.requested and signum == signal.SIGINT:
-            raise KeyboardInterrupt  # A second Ctrl-C stops at once.
-        self.requested = signal.Signals(signum).name
-
-    def __exit__(self, *exc):
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
 
 
 def _bpc_text(loss_nats: float) -> str:

@@ -1,7 +1,8 @@
 """The benchmark command, end to end in subprocesses with a tiny model: numbers, not speed.
 
 Only correctness is checked (positive rates, the analytic FLOPs, a sane utilisation, clear
-errors); the sizes are far too small for the timings to mean anything.
+errors); the sizes are far too small for the timings to mean anything. The FLOPs each cell
+counts are checked in-process against the closed form and against XLA's own count.
 """
 
 import importlib.util
@@ -9,24 +10,51 @@ import json
 import os
 import subprocess
 import sys
+import types
 
+import jax
+import jax.numpy as jnp
 import pytest
 from subprocesses import ROOT, command_env, run_module
 
-TINY = {"hidden": 32, "num_layers": 1, "embed_dim": 64, "vocab_size": 96, "batch": 8, "seq_len": 16}
+from lstm_jax import bench
+from lstm_jax.cells import CELLS
+from lstm_jax.config import ModelConfig
+from lstm_jax.models import forward_flops_per_char
+
+TINY = {
+    "hidden": 32,
+    "num_layers": 1,
+    "embed_dim": 64,
+    "vocab_size": 96,
+    "global_batch": 8,
+    "seq_len": 16,
+}
 TINY_FLAGS = [f"--{name}={value}" for name, value in TINY.items()] + [
     "--windows=2",
     "--steps_per_window=2",
     "--generate_length=20",
 ]
+# The model settings besides TINY's, as the JSON reports them.
+DEFAULT_MODEL = {"cell": "lstm", "residual": False, "layer_norm": False, "tie_embeddings": False}
 HAS_TORCH = importlib.util.find_spec("torch") is not None
 
 
 def _tiny_flops_per_char() -> int:
-    """The docstring's formula, written out for TINY: one layer, input embed_dim."""
+    """The LSTM's closed form, written out for TINY: one layer, input embed_dim."""
     hidden, embed, vocab = TINY["hidden"], TINY["embed_dim"], TINY["vocab_size"]
     forward = 4 * (embed + hidden) * hidden * 2 + hidden * vocab * 2
     return 3 * forward
+
+
+def _lstm_closed_form(vocab_size: int, embed_dim: int, hidden: int, num_layers: int) -> int:
+    """Training FLOPs per character of the LSTM as bench counted them before cells did:
+    3 * (sum over layers of 4 gates * (input + hidden) * hidden * 2 + hidden * vocab * 2)."""
+    forward = 0
+    for layer in range(num_layers):
+        input_size = embed_dim if layer == 0 else hidden
+        forward += 4 * (input_size + hidden) * hidden * 2
+    return 3 * (forward + hidden * vocab_size * 2)
 
 
 def _bench(tmp_path, *extra_flags: str) -> tuple[dict, subprocess.CompletedProcess]:
@@ -51,7 +79,14 @@ def test_bench_reports_speeds_analytic_flops_and_utilisation(tmp_path):
     for batch in (1, 64):
         generation = results["generate"][f"batch_{batch}"]
         assert generation["chars_per_second"] > 0 and generation["compile_seconds"] > 0
-    assert results["sizes"] == {**TINY, "dtype": "float32", "remat": False, "parameters": 21_728}
+    assert results["sizes"] == {
+        **TINY,
+        **DEFAULT_MODEL,
+        "dtype": "float32",
+        "remat": False,
+        "parameters": 21_728,
+    }
+    assert results["settings"]["optimizer"] == "adam" and results["settings"]["dropout"] == 0.0
     assert train["step_scratch_bytes"] > 0  # XLA's memory plan, which the CPU backend reports.
     assert results["num_devices"] == 1 and results["device_kind"] and results["jax_version"]
     assert results["compare"] is None
@@ -105,3 +140,126 @@ def test_bfloat16_with_the_float32_peer_is_refused_in_one_line(tmp_path):
     error_lines = [line for line in result.stderr.splitlines() if line.startswith("error:")]
     assert len(error_lines) == 1 and "float32" in error_lines[0]
     assert "Traceback" not in result.stderr
+
+
+def test_compare_pytorch_refuses_other_cells_in_one_line():
+    result = run_module("lstm_jax.bench", *TINY_FLAGS, "--cell=gru", "--compare=pytorch")
+    assert result.returncode == 2
+    error_lines = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(error_lines) == 1 and "--cell=gru" in error_lines[0] and "nn.LSTM" in error_lines[0]
+    assert "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("cell", ["gru", "minlstm"])
+def test_bench_times_other_cells(tmp_path, cell):
+    results, run = _bench(tmp_path, f"--cell={cell}", "--matmul_size=256")
+    assert results["sizes"]["cell"] == cell
+    model = ModelConfig(cell=cell, embed_dim=64, hidden=32, num_layers=1)
+    assert results["train"]["flops_per_char"] == 3 * forward_flops_per_char(model, 96)
+    assert results["train"]["chars_per_second"] > 0
+    assert results["generate"]["batch_64"]["chars_per_second"] > 0
+    assert f"1x32 {cell}" in run.stdout and "train chars/s" in run.stdout
+    assert "utilisation" in run.stdout
+
+
+def test_help_lists_the_training_and_bench_flags_by_section():
+    result = run_module("lstm_jax.bench", "--help", timeout=120)  # absl exits 1 after --help.
+    assert "Traceback" not in result.stderr
+    for group in ("model:", "data:", "optim:", "bench:"):
+        assert f"\n{group}" in result.stdout
+    for flag in ("--cell", "--global_batch", "--untimed_steps", "--compare", "--json"):
+        assert f"  {flag}: " in result.stdout
+    assert "(default: 'adam')" in result.stdout  # The peer's step, not the training default.
+    assert "jax_" not in result.stdout
+
+
+# --- FLOPs per character, from the cells --------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "embed_dim, hidden, num_layers, vocab_size",
+    [(64, 512, 2, 96), (64, 32, 1, 96), (16, 128, 3, 65), (256, 256, 1, 40)],
+)
+def test_lstm_flops_per_char_is_the_closed_form(embed_dim, hidden, num_layers, vocab_size):
+    model = ModelConfig(cell="lstm", embed_dim=embed_dim, hidden=hidden, num_layers=num_layers)
+    expected = _lstm_closed_form(vocab_size, embed_dim, hidden, num_layers)
+    assert 3 * forward_flops_per_char(model, vocab_size) == expected
+
+
+def test_one_hot_input_counts_the_vocabulary_as_the_first_layers_input():
+    model = ModelConfig(cell="lstm", embed_dim=0, hidden=64, num_layers=2)
+    assert 3 * forward_flops_per_char(model, 96) == _lstm_closed_form(96, 96, 64, 2)
+
+
+@pytest.mark.parametrize("cell", sorted(CELLS))
+def test_every_cell_counts_flops_that_grow_with_hidden(cell):
+    step = [CELLS[cell](hidden, parent=None).flops_per_step(64) for hidden in (32, 64, 128)]
+    assert 0 < step[0] < step[1] < step[2]
+    model = [ModelConfig(cell=cell, hidden=hidden, num_layers=2) for hidden in (32, 64)]
+    assert 0 < forward_flops_per_char(model[0], 96) < forward_flops_per_char(model[1], 96)
+
+
+@pytest.mark.parametrize("cell", sorted(CELLS))
+def test_cell_step_flops_match_xla_cost_analysis(cell):
+    """XLA counts every op of one compiled step (elementwise ones too); the matmuls the cell
+    counts must be nearly all of it at this width."""
+    batch, hidden, input_dim = 8, 256, 256
+    module = CELLS[cell](hidden)
+    carry, x = module.init_carry(batch), jnp.ones((batch, input_dim), jnp.float32)
+    variables = module.init(jax.random.key(0), carry, x)
+    compiled = jax.jit(module.apply).lower(variables, carry, x).compile()
+    cost = compiled.cost_analysis()
+    xla_flops = (cost[0] if isinstance(cost, list) else cost)["flops"]
+    counted = batch * CELLS[cell](hidden, parent=None).flops_per_step(input_dim)
+    assert counted == pytest.approx(xla_flops, rel=0.1)
+
+
+# --- The --compare path, without PyTorch -------------------------------------------------------
+
+
+class _StandInTrainer:
+    """What bench needs of the peer's trainer, without PyTorch: it counts its steps."""
+
+    def __init__(self, **sizes):
+        self.sizes, self.steps, self.device = sizes, [], types.SimpleNamespace(type=sizes["device"])
+
+    def train_window(self, steps: int) -> float:
+        self.steps.append(steps)
+        return 0.5
+
+
+def test_compare_alternates_windows_with_the_peer_built_at_the_same_sizes(monkeypatch):
+    """The --compare path in-process, with stand-ins for torch and the peer's module."""
+    trainers = []
+
+    def build_trainer(**sizes):
+        trainers.append(_StandInTrainer(**sizes))
+        return trainers[-1]
+
+    peer = types.SimpleNamespace(build_trainer=build_trainer)
+    fake_torch = types.SimpleNamespace(
+        __version__="0.0-stand-in",
+        cuda=types.SimpleNamespace(is_available=lambda: False),
+        get_num_threads=lambda: 3,
+    )
+    monkeypatch.setitem(sys.modules, "torch", fake_torch)
+    config = bench.BenchConfig.create(hidden=32, num_layers=1, global_batch=8, seq_len=16)
+    options = bench.BenchOptions(
+        untimed_steps=1, windows=2, steps_per_window=2, generate_length=5, matmul_size=64,
+        compare="pytorch", devices=1,
+    )  # fmt: skip
+    results = bench.run_benchmark(config, options, peer=peer, log=lambda _: None)
+    (trainer,) = trainers
+    assert trainer.sizes == {
+        "vocab_size": 96, "embed_dim": 64, "hidden": 32, "num_layers": 1, "batch": 8,
+        "seq_len": 16, "device": "cpu", "num_threads": os.cpu_count(),
+    }  # fmt: skip
+    assert trainer.steps == [1, 2, 2]  # Warm-up, then one peer window after each JAX window.
+    compare = results["compare"]
+    assert compare["window_seconds"] == [0.5, 0.5] and compare["step_seconds"] == 0.25
+    assert compare["chars_per_second"] == 8 * 16 * 2 / 0.5
+    assert compare["torch_version"] == "0.0-stand-in" and compare["num_threads"] == 3
+    assert compare["jax_over_peer"] == pytest.approx(
+        results["train"]["chars_per_second"] / compare["chars_per_second"]
+    )
+    assert "jax / pytorch" in bench.format_table(results)

@@ -12,6 +12,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from builders import make_model
 
 from lstm_jax.cells import CELLS, Cell
 from lstm_jax.cells.minlstm import MinLSTM
@@ -19,8 +20,8 @@ from lstm_jax.checkpoint import Checkpoints, abstract_like
 from lstm_jax.config import Config
 from lstm_jax.data import Vocab
 from lstm_jax.errors import UsageError, UserError
-from lstm_jax.models import CharLSTM, build_model, init_params, model_from_settings
-from lstm_jax.sample import sample_text
+from lstm_jax.generate import sample_text
+from lstm_jax.models import build_model, init_params, model_from_settings
 from lstm_jax.train import train_and_evaluate
 
 README = Path(__file__).resolve().parents[1] / "README.md"
@@ -73,13 +74,13 @@ def test_every_cell_trains_pmapped_resumes_and_samples(tiny_config, cell):
     assert losses[-1] < losses[0], losses
     assert set(first.params) == {"embed", f"{cell}_0", f"{cell}_1", "logits"}
     # The sampler, from the checkpoint alone, draws what the trained model draws step by step.
-    text, vocab = _sample_from_checkpoint(config.workdir, "The ", 100, seed=3)
+    text, vocab = _sample_from_checkpoint(config.loop.workdir, "The ", 100, seed=3)
     assert text == _sample_by_hand(config, resumed.params, vocab, "The ", 100, seed=3)
 
 
 @pytest.mark.parametrize("cell", list(CELLS))
 def test_scan_over_sequence_equals_stepping_one_character_at_a_time(cell):
-    model = CharLSTM(vocab_size=11, embed_dim=5, hidden=7, num_layers=2, cell=cell)
+    model = make_model(11, embed_dim=5, hidden=7, num_layers=2, cell=cell)
     params = init_params(model, jax.random.key(1))
     # A state the cell can really be in: what a random prefix leaves behind.
     prefix = jax.random.randint(jax.random.key(3), (4, 17), 0, 11)
@@ -149,7 +150,7 @@ def test_dropout_inside_a_cell_draws_a_new_mask_at_every_step():
 
 def test_unknown_cell_is_a_usage_error_listing_the_registered_cells():
     with pytest.raises(UsageError) as error:
-        Config(cell="transformer").validate()
+        Config.create(cell="transformer").validate()
     assert all(name in str(error.value) for name in CELLS)
     assert "--cell" in str(error.value)
 
@@ -171,7 +172,7 @@ def test_readme_add_a_cell_example_trains_and_samples(tiny_config, monkeypatch):
     config = tiny_config.replace(cell="rnn", num_steps=8)
     result = train_and_evaluate(config, devices=jax.local_devices()[:2])
     assert result.train_losses[-1] < result.train_losses[0]
-    text, vocab = _sample_from_checkpoint(config.workdir, "The ", 100, seed=3)
+    text, vocab = _sample_from_checkpoint(config.loop.workdir, "The ", 100, seed=3)
     assert text == _sample_by_hand(config, result.params, vocab, "The ", 100, seed=3)
 
 
@@ -206,7 +207,7 @@ class _PreRegistryCharLSTM(nn.Module):
 
 def test_default_lstm_is_the_pre_registry_model_bit_for_bit():
     sizes = {"vocab_size": 11, "embed_dim": 5, "hidden": 7, "num_layers": 3, "dropout": 0.3}
-    old, new = _PreRegistryCharLSTM(**sizes), CharLSTM(**sizes)
+    old, new = _PreRegistryCharLSTM(**sizes), make_model(**sizes)
     tokens = jax.random.randint(jax.random.key(0), (3, 9), 0, 11)
     carry = jax.tree.map(lambda c: c + 0.1, new.initialize_carry(3))
     old_params = old.init(jax.random.key(1), carry, tokens)["params"]

@@ -5,7 +5,6 @@ import shutil
 
 import jax
 import numpy as np
-import optax
 import pytest
 from subprocesses import run_module
 
@@ -13,8 +12,9 @@ from lstm_jax.checkpoint import Checkpoints
 from lstm_jax.config import Config
 from lstm_jax.data import Vocab
 from lstm_jax.errors import UserError
+from lstm_jax.generate import sample_text
 from lstm_jax.models import build_model, init_params
-from lstm_jax.sample import sample_text
+from lstm_jax.steps import create_train_state
 from lstm_jax.train import train_and_evaluate
 
 
@@ -127,7 +127,7 @@ def test_checkpoint_resumes_on_another_device_count_with_the_same_global_batch(
         _stop_after(stopped, 5, devices[before])
         for after in afters:
             workdir = tmp_path / f"on_{before}_then_{after}"
-            shutil.copytree(stopped.workdir, workdir)
+            shutil.copytree(stopped.loop.workdir, workdir)
             result = train_and_evaluate(
                 config.replace(workdir=str(workdir)), devices=devices[after]
             )
@@ -144,7 +144,7 @@ def test_checkpoint_best_latest_and_a_step_pick_their_checkpoints_and_sample_use
     # Three saves of a tiny model, each with its own parameters, where the best by validation
     # loss is neither the first nor the latest.
     vocab = Vocab(" .abcdefghij")
-    config = Config(embed_dim=8, hidden=16, num_layers=2, seq_len=16, global_batch=8)
+    config = Config.create(embed_dim=8, hidden=16, num_layers=2, seq_len=16, global_batch=8)
     model = build_model(config, vocab.size)
     val_losses = {10: 1.8, 20: 1.2, 30: 1.5}
     workdir = tmp_path / "run"
@@ -155,9 +155,8 @@ def test_checkpoint_best_latest_and_a_step_pick_their_checkpoints_and_sample_use
         params[step] = jax.tree.map(lambda p: 3.0 * p, init_params(model, jax.random.key(seed)))
         checkpoints.save(
             step,
-            params=params[step],
-            opt_state=optax.adam(1e-3).init(params[step]),
-            carry=jax.tree.map(np.asarray, model.initialize_carry(config.global_batch)),
+            state=create_train_state(model, params[step], config.optim, 10, jax.random.key(seed)),
+            carry=jax.tree.map(np.asarray, model.initialize_carry(config.data.global_batch)),
             meta={
                 "vocab": vocab.chars,
                 "settings": config.run_settings(),

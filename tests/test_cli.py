@@ -12,8 +12,8 @@ from subprocesses import run_module as _run
 
 from lstm_jax.checkpoint import Checkpoints, abstract_like
 from lstm_jax.data import Vocab
+from lstm_jax.generate import sample_text
 from lstm_jax.models import init_params, model_from_settings
-from lstm_jax.sample import sample_text
 
 
 @pytest.fixture(scope="module")
@@ -178,9 +178,9 @@ BAD_INPUTS = [
     ("dropout 1.5", ["--dropout=1.5"], 2, "--dropout"),
     ("zero batch", ["--global_batch=0"], 2, "--global_batch"),
     ("val_fraction 0", ["--val_fraction=0"], 2, "--val_fraction"),
-    ("unknown schedule", ["--schedule=linear"], 2, "--schedule"),
+    ("unknown schedule", ["--schedule=linear"], 1, "--schedule=linear: value should be one of"),
     ("seq_len > validation", ["--seq_len=2000", "--global_batch=1"], 2, "--seq_len"),
-    ("sampling-only flag", ["--top_k=5"], 2, "lstm_jax.sample"),
+    ("sampling-only flag", ["--top_k=5"], 1, "Unknown command line flag 'top_k'"),
     ("stray argument", ["hidden=5"], 2, "Unexpected arguments"),
 ]
 
@@ -218,19 +218,20 @@ def test_bad_sampling_input_gives_one_clear_line_and_keeps_checkpoints(smoke_wor
         ([f"--workdir={workdir}", "--length=0"], 2, "--length"),
         ([f"--workdir={workdir}", "--temperature=-1"], 2, "--temperature"),
         ([f"--workdir={workdir}", "--top_k=1000"], 2, "--top_k"),
-        ([f"--workdir={workdir}", "--hidden=512"], 2, "--hidden=512 (the checkpoint has 128)"),
-        ([f"--workdir={workdir}", "--dtype=bfloat16"], 2, "sampling computes in float32"),
+        # The model comes from the checkpoint: sample has no model or training flags.
+        ([f"--workdir={workdir}", "--hidden=512"], 1, "Unknown command line flag 'hidden'"),
+        ([f"--workdir={workdir}", "--learning_rate=1"], 1, "flag 'learning_rate'"),
     ]
     for args, code, phrase in cases:
         result = _run("lstm_jax.sample", *args)
         assert result.returncode == code, (args, result.stderr[-2000:])
         assert "Traceback" not in result.stderr
-        lines = [line for line in result.stderr.splitlines() if line.startswith("error")]
+        lines = [line for line in result.stderr.splitlines() if line.startswith(("error", "FATAL"))]
         assert len(lines) == 1 and phrase in lines[0], (args, result.stderr[-2000:])
     assert sorted(p.name for p in (workdir / "checkpoints").iterdir()) == before
     assert not (tmp_path / "empty").exists()
     skipped = _run("lstm_jax.sample", f"--workdir={workdir}", "--prompt=Zoë ☃", "--unknown=skip")
     assert skipped.returncode == 0 and skipped.stdout.strip()
-    # The run's own flagfile names the same model, so sampling with it is fine.
+    # A training flagfile holds flags sample does not read: refused, not silently ignored.
     reused = _run("lstm_jax.sample", "--flagfile=experiments/smoke.flags", f"--workdir={workdir}")
-    assert reused.returncode == 0, reused.stderr[-2000:]
+    assert reused.returncode == 1 and "Unknown command line flag" in reused.stderr

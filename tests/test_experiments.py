@@ -11,10 +11,14 @@ _CHECK = """
 import sys
 from absl import flags
 from lstm_jax import cli
+from lstm_jax.config import Config
+from lstm_jax.distributed import DistributedOptions
+for spec in (Config, DistributedOptions):
+    cli.define_flags(spec)
 for path in sys.argv[1:]:
     flags.FLAGS.unparse_flags()
     flags.FLAGS(["main", f"--flagfile={path}"])
-    cli.config_from_flags().validate()
+    cli.read_flags(Config).validate()
     print("valid", path)
 """
 

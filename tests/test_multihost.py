@@ -40,13 +40,12 @@ SETTINGS = {
     "log_every": 1,
     "eval_every": 1000,
     "checkpoint_every": 1000,
-    "sample_length": 10,
+    "length": 10,
 }
 
 
 def _local_sh(workdir, text_path, num_steps: int) -> subprocess.Popen:
     flags = {**SETTINGS, "num_steps": num_steps, "data_path": text_path, "workdir": workdir}
-    flags["length"] = flags.pop("sample_length")
     return subprocess.Popen(
         ["bash", str(ROOT / "launch" / "local.sh"), "2", *(f"--{k}={v}" for k, v in flags.items())],
         cwd=ROOT,

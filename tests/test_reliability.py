@@ -11,10 +11,11 @@ from pathlib import Path
 import jax
 import numpy as np
 import pytest
+from builders import make_model
 from subprocesses import run_module, start_module
 
 from lstm_jax.checkpoint import Checkpoints, abstract_like
-from lstm_jax.models import CharLSTM, init_params
+from lstm_jax.models import init_params
 
 
 def _train_args(text_path: Path, workdir: Path, **overrides) -> list[str]:
@@ -40,7 +41,7 @@ def _train_args(text_path: Path, workdir: Path, **overrides) -> list[str]:
 def _final_params(workdir: Path, step: int, hidden: int = 32, vocab_size: int | None = None):
     checkpoints = Checkpoints(workdir, read_only=True)
     meta = checkpoints.read_meta(step)
-    model = CharLSTM(len(meta["vocab"]), embed_dim=8, hidden=hidden, num_layers=2)
+    model = make_model(len(meta["vocab"]), embed_dim=8, hidden=hidden, num_layers=2)
     abstract = jax.eval_shape(lambda k: init_params(model, k), jax.random.key(0))
     sharding = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
     return jax.device_get(checkpoints.restore_params(step, abstract_like(abstract, sharding)))
@@ -139,7 +140,7 @@ def test_damaged_checkpoint_is_skipped_with_a_warning_naming_it(small_text_path,
     args = _train_args(small_text_path, workdir, num_steps=80)
     assert run_module(*args).returncode == 0
     # Truncate one array file of the newest step (80); 40 stays whole.
-    victim = next((workdir / "checkpoints" / "80" / "params" / "d").iterdir())
+    victim = next((workdir / "checkpoints" / "80" / "state" / "d").iterdir())
     victim.write_bytes(victim.read_bytes()[:10])
     resumed = run_module(*_train_args(small_text_path, workdir, num_steps=90))
     assert resumed.returncode == 0, resumed.stderr[-3000:]

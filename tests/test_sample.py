@@ -4,18 +4,19 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from builders import make_model
 
 from lstm_jax.data import Vocab
 from lstm_jax.errors import UsageError, UserError
-from lstm_jax.models import CharLSTM, init_params
-from lstm_jax.sample import _next_token, check_sampling_args, encode_prompt, generate, sample_text
+from lstm_jax.generate import _next_token, check_sampling_args, encode_prompt, generate, sample_text
+from lstm_jax.models import init_params
 
 VOCAB = Vocab(" .abcdefghij")
 
 
 @pytest.fixture(scope="module")
 def model_and_params():
-    model = CharLSTM(vocab_size=VOCAB.size, embed_dim=8, hidden=16, num_layers=2)
+    model = make_model(VOCAB.size, embed_dim=8, hidden=16, num_layers=2)
     params = init_params(model, jax.random.key(0))
     # Larger weights make the distribution peaked but not one-hot: greedy and sampled differ.
     params = jax.tree.map(lambda p: p * 3.0, params)

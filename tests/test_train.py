@@ -115,7 +115,7 @@ def test_one_step_changes_every_parameter(tiny_config):
     params = init_params(model, jax.random.key(0))
     state = parallel.replicate(
         create_train_state(
-            model, params, tiny_config.replace(warmup_steps=0), 10, jax.random.key(1)
+            model, params, tiny_config.replace(warmup_steps=0).optim, 10, jax.random.key(1)
         ),
         devices,
     )

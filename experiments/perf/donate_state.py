@@ -2,7 +2,7 @@
 
 `jax.pmap(..., donate_argnums=(0, 2))` lets XLA write the new parameters, optimizer state and
 carry into the buffers of the old ones instead of allocating new ones each step. This times the
-real `lstm_jax.train.train_step`, pmapped as `lstm_jax.parallel.train_step` does it, with and
+real `lstm_jax.steps.train_step`, pmapped as `lstm_jax.parallel.train_step` does it, with and
 without donation, alternating the two so that drifting machine speed hits both alike.
 
     python experiments/perf/donate_state.py --hidden=256 --num_layers=1
@@ -21,7 +21,7 @@ import time
 import jax
 import numpy as np
 
-from lstm_jax import parallel, train
+from lstm_jax import parallel, steps
 from lstm_jax.config import Config
 from lstm_jax.models import build_model, init_params
 
@@ -30,7 +30,7 @@ BATCH, SEQ_LEN, VOCAB = 64, 100, 96
 
 def pmapped_step(devices, donate: bool):
     return jax.pmap(
-        functools.partial(train.train_step, axis_name=parallel.AXIS),
+        functools.partial(steps.train_step, axis_name=parallel.AXIS),
         axis_name=parallel.AXIS,
         in_axes=(None, 0, 0, None),
         out_axes=(None, 0, None),
@@ -46,7 +46,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=8, help="Steps per timed window.")
     parser.add_argument("--windows", type=int, default=4, help="Timed windows per variant.")
     options = parser.parse_args()
-    config = Config(
+    config = Config.create(
         hidden=options.hidden,
         num_layers=options.num_layers,
         seq_len=SEQ_LEN,
@@ -63,7 +63,8 @@ def main() -> None:
     runs = {}
     for donate in (False, True):
         state = parallel.replicate(
-            train.create_train_state(model, params, config, 1000, jax.random.key(1)), devices
+            steps.create_train_state(model, params, config.optim, 1000, jax.random.key(1)),
+            devices,
         )
         carry = jax.tree.map(
             lambda c: parallel.shard(np.asarray(c), len(devices)), model.initialize_carry(BATCH)

@@ -6,7 +6,7 @@ per-core L2 cache, so each character streams them from L3 or memory. This script
 that: a jitted `lax.scan` of the three matrix-vector products per character (no gates, no
 sampling), and reports the bytes it streams per second and the characters per second that
 bandwidth allows. Any exact float32 generator built from XLA ops is slower than this. It then
-times `lstm_jax.sample.generate` on a model of the same shape, in the same run, so the share of
+times `lstm_jax.generate.generate` on a model of the same shape, in the same run, so the share of
 the ceiling it reaches does not depend on how fast the machine is that minute.
 
     python experiments/perf/generate_bandwidth.py
@@ -23,6 +23,7 @@ import jax
 import jax.numpy as jnp
 
 from lstm_jax.bench import measure_generation
+from lstm_jax.config import ModelConfig
 from lstm_jax.models import CharLSTM, init_params
 
 HIDDEN, EMBED, VOCAB, LENGTH, REPEATS = 512, 64, 96, 1000, 7
@@ -61,12 +62,14 @@ def main() -> None:
         f"XLA streams them at {bytes_per_char / per_char / 1e9:.0f} GB/s; "
         f"ceiling {1 / per_char:,.0f} chars/s at batch 1 on {jax.devices()[0].platform}"
     )
-    model = CharLSTM(vocab_size=VOCAB, embed_dim=EMBED, hidden=HIDDEN, num_layers=2)
+    model = CharLSTM(ModelConfig(embed_dim=EMBED, hidden=HIDDEN, num_layers=2), VOCAB)
     params = init_params(model, jax.random.key(1))
     ours = measure_generation(
         model, params, jax.devices()[0], batch=1, length=LENGTH, runs=REPEATS
     )["chars_per_second"]
-    print(f"lstm_jax.sample.generate at batch 1: {ours:,.0f} chars/s = {ours * per_char:.0%} of it")
+    print(
+        f"lstm_jax.generate.generate at batch 1: {ours:,.0f} chars/s = {ours * per_char:.0%} of it"
+    )
 
 
 if __name__ == "__main__":

@@ -2,7 +2,7 @@
 
 A hand-written generator with no Flax in it: both layers' kernels concatenated once ([in + h,
 4h]), one matrix-vector product per layer per character, categorical sampling, all in one
-jitted `lax.scan`. If this is no faster than `lstm_jax.sample.generate` (see `python -m
+jitted `lax.scan`. If this is no faster than `lstm_jax.generate.generate` (see `python -m
 lstm_jax.bench`), the model code is not what limits batch-1 generation: the backend's
 matrix-vector products are.
 

@@ -22,7 +22,7 @@ import numpy as np
 
 from lstm_jax.config import Config
 from lstm_jax.models import build_model, init_params
-from lstm_jax.train import create_train_state, train_step
+from lstm_jax.steps import create_train_state, train_step
 
 BATCH, VOCAB = 64, 96
 
@@ -37,7 +37,7 @@ def main() -> None:
     batch = np.random.default_rng(0).integers(0, VOCAB, (BATCH, options.seq_len + 1), np.int32)
     steps, results = {}, {}
     for remat in (False, True):
-        config = Config(
+        config = Config.create(
             hidden=options.hidden,
             num_layers=options.num_layers,
             seq_len=options.seq_len,
@@ -47,7 +47,7 @@ def main() -> None:
         )
         model = build_model(config, VOCAB)
         state = create_train_state(
-            model, init_params(model, jax.random.key(0)), config, 100, jax.random.key(1)
+            model, init_params(model, jax.random.key(0)), config.optim, 100, jax.random.key(1)
         )
         carry = model.initialize_carry(BATCH)
         compiled = (

@@ -34,7 +34,7 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 
-from lstm_jax.bench import BenchOptions, load_peer, measure_training
+from lstm_jax.bench import BenchConfig, BenchOptions, load_peer, measure_training
 
 BATCH, TIME, EMBED, VOCAB = 64, 100, 64, 96
 REPEATS = 7
@@ -184,11 +184,14 @@ def main() -> None:
                 matmul_ms += ms
     print(f"  output layer, 3 products          {output_ms:8.1f} ms")
 
-    bench = BenchOptions(hidden=options.hidden, num_layers=options.num_layers, windows=5)
+    # The bench's defaults (the headline batch, the peer's step), at this script's size.
+    config = BenchConfig.create(hidden=options.hidden, num_layers=options.num_layers)
     has_torch = importlib.util.find_spec("torch") is not None
     peer = load_peer("pytorch") if has_torch else None
     devices = jax.local_devices()[:1]
-    ours, theirs, _, _ = measure_training(bench, devices, peer=peer, log=lambda _: None)
+    ours, theirs, _, _ = measure_training(
+        config, BenchOptions(windows=5), devices, peer=peer, log=lambda _: None
+    )
     print(f"matmuls alone                       {matmul_ms:8.1f} ms")
     print(f"elementwise + stores alone          {elementwise_ms:8.1f} ms")
     print(f"floor (sum of the parts)            {matmul_ms + elementwise_ms:8.1f} ms")

@@ -8,6 +8,8 @@ Every cell implements one interface, `Cell` (see `lstm_jax.cells.base`): a Flax 
     scan(carry, xs) -> (carry, ys)       the whole sequence [batch, time, in], which the model
                                          applies; by default __call__ under nn.scan (which
                                          also takes remat=True, for --remat)
+    flops_per_step(input_dim) -> int     forward matmul FLOPs of one step for one sequence, which
+                                         `lstm_jax.bench` sums into the model's FLOPs per char
 
 `lstm_jax.models.CharLSTM` stacks `--num_layers` of the chosen cell, each `--hidden` wide and
 named `{cell}_{layer}`, and does everything else (embedding, dropout, residuals, layer norm,

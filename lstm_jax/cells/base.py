@@ -31,6 +31,11 @@ class Cell(nn.Module):
       the backward pass recomputes the step from its carry and input instead of storing its
       intermediate values. Same results; less memory, a little more time.
 
+    - `flops_per_step(input_dim) -> int`: the forward FLOPs of one time step for one sequence,
+      from the cell's matmuls (a multiply-add counts 2); `lstm_jax.bench` sums it over the
+      layers for the model's FLOPs per character. Call it on an unbound cell, like
+      `init_carry`, so decorate it with `nn.nowrap` too.
+
     `__call__` is not declared here, so that a subclass can take it from a Flax cell by
     multiple inheritance (`class LSTM(Cell, nn.OptimizedLSTMCell)`).
     """
@@ -38,6 +43,16 @@ class Cell(nn.Module):
     @nn.nowrap
     def init_carry(self, batch_size: int) -> Carry:
         raise NotImplementedError(f"{type(self).__name__} must define init_carry(batch_size).")
+
+    @nn.nowrap
+    def flops_per_step(self, input_dim: int) -> int:
+        """Forward FLOPs of one step for one sequence with `input_dim` input features.
+
+        Only the matmuls are counted, at 2 FLOPs per multiply-add: a [1, n] @ [n, m] product is
+        2 * n * m. Biases, nonlinearities, normalisations and the scan's elementwise updates are
+        left out, as they are small next to the matmuls (linear in `features`, not quadratic).
+        """
+        raise NotImplementedError(f"{type(self).__name__} must define flops_per_step(input_dim).")
 
     def scan(self, carry: Carry, xs: jax.Array, remat: bool = False) -> tuple[Carry, jax.Array]:
         def step(cell, carry, x):

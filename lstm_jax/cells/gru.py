@@ -19,3 +19,8 @@ class GRU(Cell, nn.GRUCell):
     @nn.nowrap
     def init_carry(self, batch_size: int) -> jax.Array:
         return jnp.zeros((batch_size, self.features), jnp.float32)
+
+    @nn.nowrap
+    def flops_per_step(self, input_dim: int) -> int:
+        # Three [in, h] input kernels (ir, iz, in) and three [h, h] recurrent ones (hr, hz, hn).
+        return 2 * 3 * self.features * (input_dim + self.features)

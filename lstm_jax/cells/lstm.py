@@ -21,3 +21,8 @@ class LSTM(Cell, nn.OptimizedLSTMCell):
     def init_carry(self, batch_size: int) -> tuple[jax.Array, jax.Array]:
         zeros = jnp.zeros((batch_size, self.features), jnp.float32)
         return zeros, zeros
+
+    @nn.nowrap
+    def flops_per_step(self, input_dim: int) -> int:
+        # The four gates' kernels, concatenated: x @ [in, 4h] and h @ [h, 4h].
+        return 2 * 4 * self.features * (input_dim + self.features)

@@ -50,6 +50,12 @@ class MinLSTM(Cell):
     def init_carry(self, batch_size: int) -> jax.Array:
         return jnp.zeros((batch_size, self.features), jnp.float32)
 
+    @nn.nowrap
+    def flops_per_step(self, input_dim: int) -> int:
+        # x @ [in, 3h] only: no gate sees h, so there is no recurrent matmul; the parallel scan's
+        # log-space combines are elementwise (O(h) per step), not counted.
+        return 2 * 3 * self.features * input_dim
+
     def _log_coefficients(self, x: jax.Array) -> tuple[jax.Array, jax.Array]:
         """x [..., in] -> (log f', log i' + log h~), each [..., features]."""
         k_f, k_i, k_h = jnp.split(self.gates(x), 3, axis=-1)

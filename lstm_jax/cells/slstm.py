@@ -38,6 +38,11 @@ class SLSTM(Cell):
         zeros = jnp.zeros((batch_size, self.features), jnp.float32)
         return zeros, zeros, zeros, zeros
 
+    @nn.nowrap
+    def flops_per_step(self, input_dim: int) -> int:
+        # The four pre-activations: x @ [in, 4h] (input) and h @ [h, 4h] (recurrent).
+        return 2 * 4 * self.features * (input_dim + self.features)
+
     @nn.compact
     def __call__(self, carry: SLSTMCarry, x: jax.Array) -> tuple[SLSTMCarry, jax.Array]:
         c, n, m, h = carry
