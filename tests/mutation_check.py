@@ -320,8 +320,20 @@ MUTATIONS: tuple[Mutation, ...] = (
         "checkpoint.py",
         'best_mode="min",',
         'best_mode="max",',
-        (f"{CHECKPOINT}::test_keeps_the_latest_and_the_best_checkpoint",),
+        (
+            f"{CHECKPOINT}::test_keeps_the_latest_and_the_best_checkpoint",
+            f"{CHECKPOINT}::test_checkpoint_best_latest_and_a_step_pick_their_checkpoints"
+            "_and_sample_uses_best",
+        ),
         "the checkpoint with the highest validation loss is kept and resolved as 'best'",
+    ),
+    Mutation(
+        "best_checkpoint_not_preserved",
+        "checkpoint.py",
+        'get_metric_fn=lambda metrics: metrics["val_loss"], reverse=True, n=1',
+        'get_metric_fn=lambda metrics: metrics["val_loss"], reverse=False, n=1',
+        (f"{CHECKPOINT}::test_keeps_the_latest_and_the_best_checkpoint",),
+        "the checkpoint kept beside the latest ones is the worst by validation loss, not the best",
     ),
     Mutation(
         "checkpoint_best_resolves_to_latest",

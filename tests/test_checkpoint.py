@@ -94,17 +94,23 @@ def test_restart_sets_old_checkpoints_aside_and_trains_anew(tiny_config, tmp_pat
 
 
 def test_keeps_the_latest_and_the_best_checkpoint(tiny_config, tmp_path):
-    config = tiny_config.replace(
-        num_steps=16, checkpoint_every=2, eval_every=2, keep_checkpoints=1, learning_rate=0.05
+    # Validation losses chosen so the best is neither the first nor among the latest.
+    val_losses = {2: 3.0, 4: 1.0, 6: 2.0, 8: 4.0, 10: 5.0}
+    model = build_model(tiny_config, 10)
+    state = create_train_state(
+        model, init_params(model, jax.random.key(0)), tiny_config.optim, 10, jax.random.key(1)
     )
-    result = train_and_evaluate(config, devices=jax.local_devices()[:1])
-    checkpoints = Checkpoints(config.loop.workdir, read_only=True)
-    steps = checkpoints.steps()
-    assert checkpoints.latest_step() == 16
-    assert checkpoints.best_step() == result.best_step
-    assert set(steps) == {16, result.best_step}
-    meta = checkpoints.read_meta(result.best_step)
-    assert meta["val_loss"] == pytest.approx(result.best_val_loss)
+    carry = jax.tree.map(np.asarray, model.initialize_carry(tiny_config.data.global_batch))
+    checkpoints = Checkpoints(tmp_path / "run", keep=1)
+    for step, val_loss in val_losses.items():
+        meta = {"vocab": "", "settings": {}, "val_loss": val_loss}
+        checkpoints.save(step, state=state, carry=carry, meta=meta, val_loss=val_loss)
+        checkpoints.wait()
+    checkpoints.close()
+    kept = Checkpoints(tmp_path / "run", read_only=True)
+    assert sorted(kept.steps()) == [4, 10]
+    assert (kept.best_step(), kept.latest_step()) == (4, 10)
+    assert kept.read_meta(4)["val_loss"] == 1.0
 
 
 def test_checkpoint_resumes_on_another_device_count_with_the_same_global_batch(
