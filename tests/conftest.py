@@ -13,11 +13,12 @@ from pathlib import Path
 os.environ["XLA_FLAGS"] = (
     os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
 ).strip()
-# One persistent compilation cache for the session, shared with the commands that tests start
-# in subprocesses: the same tiny models are compiled again and again otherwise.
-os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", tempfile.mkdtemp(prefix="lstm_jax_xla_cache_"))
-os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
-os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
+# One persistent compilation cache for the commands that tests start in subprocesses: the same
+# tiny models are compiled again and again otherwise (tests/subprocesses.py passes it on). JAX
+# writes a cache entry in place, not atomically, so a reader can meet a half-written entry (two
+# processes of one job, or one killed mid-write) and crash on it: the test process itself does
+# not use the cache, and tests that kill or pair processes start them without it.
+os.environ.setdefault("LSTM_JAX_TEST_COMPILE_CACHE", tempfile.mkdtemp(prefix="lstm_jax_xla_"))
 
 import pytest  # noqa: E402
 
@@ -101,3 +102,20 @@ def fast_compile():
     jax.config.update("jax_disable_most_optimizations", True)
     yield
     jax.config.update("jax_disable_most_optimizations", before)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _free_compiled_programs():
+    """Free the XLA programs of each test file when it ends.
+
+    Every XLA:CPU executable holds memory mappings of its code; the programs of the whole suite
+    in one process pass the kernel's limit (vm.max_map_count, 65,530 here), and the next compile
+    then crashes the process with a segmentation fault.
+    """
+    yield
+    import gc
+
+    import jax
+
+    jax.clear_caches()
+    gc.collect()

@@ -50,7 +50,7 @@ def _local_sh(workdir, text_path, num_steps: int) -> subprocess.Popen:
         ["bash", str(ROOT / "launch" / "local.sh"), "2", *(f"--{k}={v}" for k, v in flags.items())],
         cwd=ROOT,
         env={
-            **command_env(),
+            **command_env(compile_cache=False),
             "DEVICES_PER_PROCESS": "2",
             "PYTHON": sys.executable,
             "LOG_DIR": str(workdir) + ".logs",
@@ -141,7 +141,11 @@ def test_local_sh_exits_with_the_processes_error(small_text_path, tmp_path):
     result = subprocess.run(
         ["bash", str(ROOT / "launch" / "local.sh"), "2", "--dropout=1.5"],
         cwd=ROOT,
-        env={**command_env(), "PYTHON": sys.executable, "LOG_DIR": str(tmp_path / "logs")},
+        env={
+            **command_env(compile_cache=False),
+            "PYTHON": sys.executable,
+            "LOG_DIR": str(tmp_path / "logs"),
+        },
         capture_output=True,
         text=True,
         timeout=120,

@@ -107,7 +107,7 @@ def test_sigkill_during_a_save_leaves_the_previous_checkpoint_usable(small_text_
         small_text_path, workdir, hidden=1024, num_steps=40, checkpoint_every=10, log_every=10
     )
     checkpoint_root = workdir / "checkpoints"
-    process = start_module(*args)
+    process = start_module(*args, compile_cache=False)  # It is killed: see conftest.py.
     killed_during = None
     deadline = time.monotonic() + 240
     while process.poll() is None and time.monotonic() < deadline:
