@@ -19,7 +19,7 @@ from typing import Any
 
 from absl import app, flags, logging
 
-from lstm_jax.config import field_types, is_section, leaf_fields
+from lstm_jax.config import field_types, is_section, leaf_fields, leaf_settings
 from lstm_jax.errors import UsageError, UserError
 
 FLAGS = flags.FLAGS
@@ -63,6 +63,17 @@ def read_flags(spec: type, flag_values: flags.FlagValues = FLAGS) -> Any:
         else:
             values[field.name] = flag_values[flag_name(field)].value
     return spec(**values)
+
+
+def given_settings(spec: type, flag_values: flags.FlagValues = FLAGS) -> set[str]:
+    """Names of the settings of `spec` set on the command line or in a flagfile."""
+    return {f.name for _, f, _ in leaf_fields(spec) if flag_values[flag_name(f)].present}
+
+
+def set_flags(settings: Any, flag_values: flags.FlagValues = FLAGS) -> None:
+    """Give the flags of a settings dataclass its values (so that `flagfile_text` has them)."""
+    for f, value in leaf_settings(settings):
+        flag_values[flag_name(f)].value = value
 
 
 def flagfile_text(spec: type, flag_values: flags.FlagValues = FLAGS) -> str:

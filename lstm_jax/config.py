@@ -14,47 +14,24 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import typing
 from typing import Any
 
 from lstm_jax.errors import UsageError
+from lstm_jax.settings import (  # The walkers are re-exported: config is where callers look.
+    field_types,  # noqa: F401
+    from_dict,  # noqa: F401
+    is_section,  # noqa: F401
+    leaf_fields,  # noqa: F401
+    leaf_settings,
+    replace_settings,
+    section,
+    setting,
+)
 
 SCHEDULES = ("constant", "cosine")
 OPTIMIZERS = ("adam", "adamw")
 DROPOUT_PLACES = ("between", "output")
 DTYPES = ("float32", "bfloat16")
-
-# Model settings added after the first checkpoints were written, with the value those runs had.
-_ADDED_MODEL_SETTINGS = {
-    "cell": "lstm",
-    "residual": False,
-    "layer_norm": False,
-    "tie_embeddings": False,
-}
-
-
-def setting(
-    default: Any,
-    help: str,  # noqa: A002 - the word absl uses.
-    *,
-    choices: tuple[str, ...] | None = None,
-    flag: str | None = None,
-    must_match: bool = False,
-) -> Any:
-    """A dataclass field that is also a command-line flag.
-
-    help: one line for `--help`, with the unit where there is one (the default is added).
-    choices: the allowed strings, for an enum flag.
-    flag: the flag's name where it differs from the field's.
-    must_match: a resumed run must have the same value as the run it continues.
-    """
-    metadata = {"help": help, "choices": choices, "flag": flag, "must_match": must_match}
-    return dataclasses.field(default=default, metadata=metadata)
-
-
-def section(cls: type) -> Any:
-    """A nested section of settings, with its defaults."""
-    return dataclasses.field(default_factory=cls)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -62,17 +39,24 @@ class DataConfig:
     """What text the model reads, and how it is cut into batches."""
 
     data_path: str = setting(
-        "", "Local text file to train on. Empty: download Gutenberg #345 (Dracula) once."
+        "",
+        "Text to train on: a file, a folder (its *.txt files, sorted) or a quoted glob "
+        "('notes/**/*.txt'); several files are joined with two newlines between them. Wins "
+        "over --gutenberg and --data_url. None of the three: Dracula, bundled, no network.",
     )
-    data_dir: str = setting("~/.cache/lstm_jax", "Download cache folder.")
+    gutenberg: int = setting(
+        0, "Project Gutenberg book number to download once and train on (1342, say); 0: none."
+    )
     data_url: str = setting(
-        "https://www.gutenberg.org/cache/epub/345/pg345.txt",
-        "Plain-text Project Gutenberg book to download when --data_path is empty.",
+        "", "URL of a plain-text Project Gutenberg book to train on; --gutenberg wins over it."
     )
-    encoding: str = setting("utf-8", "Text encoding of the input file.")
+    data_dir: str = setting("~/.cache/lstm_jax", "Download cache (--gutenberg, --data_url).")
+    encoding: str = setting("utf-8", "Text encoding of the input files.")
     lowercase: bool = setting(False, "Lower-case the text (smaller vocabulary).", must_match=True)
     val_fraction: float = setting(
-        0.1, "Fraction of the text, at its end, held out for validation.", must_match=True
+        0.1,
+        "Fraction held out for validation: the end of every file (each file gives its share).",
+        must_match=True,
     )
     seq_len: int = setting(100, "Characters per training sequence (BPTT length).", must_match=True)
     global_batch: int = setting(
@@ -95,7 +79,9 @@ class DataConfig:
 class ModelConfig:
     """Settings that fix the parameters' shapes and meaning: a checkpoint fits only these.
 
-    Saved with every checkpoint (as a dict); the model takes this dataclass whole.
+    Saved with every checkpoint (as a dict); the model takes this dataclass whole. A new
+    setting's default must keep the behaviour from before it existed: older checkpoints, which
+    lack it, are read with the default.
     """
 
     cell: str = setting(
@@ -191,6 +177,25 @@ class LoopConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class InitConfig:
+    """Starting a new run from another run's parameters (fine-tuning)."""
+
+    init_from: str = setting(
+        "",
+        "Start a new run from the parameters of a checkpoint: WORKDIR, WORKDIR:best (the "
+        "default), WORKDIR:latest or WORKDIR:STEP. Fresh optimizer and schedule; the model "
+        "settings come from the checkpoint. Only for a fresh start: a --workdir that already "
+        "holds checkpoints resumes them as usual.",
+    )
+    extend_vocab: bool = setting(
+        False,
+        "With --init_from: add the text's characters that the checkpoint lacks to its "
+        "vocabulary (new embedding rows and output columns, the learnt ones kept). Off: "
+        "such characters are an error.",
+    )
+
+
+@dataclasses.dataclass(frozen=True)
 class SampleConfig:
     """The text generated from a model: by `main` for its log, and by `sample`."""
 
@@ -213,6 +218,7 @@ class Config:
     compute: ComputeConfig = section(ComputeConfig)
     optim: OptimConfig = section(OptimConfig)
     loop: LoopConfig = section(LoopConfig)
+    init: InitConfig = section(InitConfig)
     sample: SampleConfig = section(SampleConfig)
 
     @classmethod
@@ -250,79 +256,15 @@ class Config:
             )
 
 
-# --- Walking the settings --------------------------------------------------------------------
-
-
-def is_section(field: dataclasses.Field) -> bool:
-    return "help" not in field.metadata
-
-
-def field_types(cls: type) -> dict[str, type]:
-    """The fields' types, resolved (this module uses postponed annotations)."""
-    return typing.get_type_hints(cls)
-
-
-def leaf_fields(cls: type) -> list[tuple[tuple[str, ...], dataclasses.Field, type]]:
-    """Every setting of a (nested) settings dataclass: (path of section names, field, type)."""
-    leaves = []
-    types = field_types(cls)
-    for f in dataclasses.fields(cls):
-        if is_section(f):
-            leaves += [((f.name, *path), g, t) for path, g, t in leaf_fields(types[f.name])]
-        else:
-            leaves.append(((), f, types[f.name]))
-    return leaves
-
-
-def leaf_settings(obj: Any) -> list[tuple[dataclasses.Field, Any]]:
-    """Every setting of a settings dataclass instance with its value."""
-    out = []
-    for path, f, _ in leaf_fields(type(obj)):
-        section_value = obj
-        for name in path:
-            section_value = getattr(section_value, name)
-        out.append((f, getattr(section_value, f.name)))
-    return out
-
-
-def replace_settings(obj: Any, changes: dict[str, Any]) -> Any:
-    """`dataclasses.replace` that routes flat setting names into their sections."""
-    changes = dict(changes)
-    direct = {f.name: changes.pop(f.name) for f in dataclasses.fields(obj) if f.name in changes}
-    types = field_types(type(obj))
-    for f in dataclasses.fields(obj):
-        if not is_section(f) or f.name in direct:
-            continue
-        names = {g.name for _, g, _ in leaf_fields(types[f.name])}
-        mine = {k: changes.pop(k) for k in list(changes) if k in names}
-        if mine:
-            direct[f.name] = replace_settings(getattr(obj, f.name), mine)
-    if changes:
-        raise TypeError(f"{type(obj).__name__} has no setting {', '.join(sorted(changes))}")
-    return dataclasses.replace(obj, **direct)
-
-
-def from_dict(cls: type, values: dict[str, Any]) -> Any:
-    """A settings dataclass from `dataclasses.asdict` output; unknown keys are an error."""
-    types = field_types(cls)
-    kwargs = {}
-    for f in dataclasses.fields(cls):
-        if f.name in values:
-            value = values[f.name]
-            kwargs[f.name] = from_dict(types[f.name], value) if is_section(f) else value
-    unknown = set(values) - set(kwargs)
-    if unknown:
-        raise TypeError(f"{cls.__name__} has no setting {', '.join(sorted(unknown))}")
-    return cls(**kwargs)
-
-
 def complete_settings(saved: dict[str, Any]) -> dict[str, Any]:
     """Saved model or run settings, with the model settings added since filled in as they were.
 
-    Checkpoints written before `--cell` and the ablation flags existed lack those keys; they were
-    LSTMs without the ablations, so they resume and sample as such.
+    Checkpoints written before a model setting existed lack its key; they behaved as its default
+    does (a new setting's default must keep the old behaviour), so they resume and sample so.
+    Checkpoints from before `--cell` and the ablation flags are LSTMs without the ablations.
     """
-    return {**_ADDED_MODEL_SETTINGS, **saved}
+    defaults = dataclasses.asdict(ModelConfig())
+    return {**defaults, **saved}
 
 
 def model_config_from_settings(saved: dict[str, Any]) -> ModelConfig:
@@ -371,6 +313,8 @@ def _check_combinations(config: Config) -> None:
     from lstm_jax.cells import CELLS, cell_steps_in_scan, cell_takes_dtype
 
     model, compute = config.model, config.compute
+    if config.init.extend_vocab and not config.init.init_from:
+        raise UsageError("--extend_vocab extends a checkpoint's vocabulary; it needs --init_from.")
     if config.optim.weight_decay > 0 and config.optim.optimizer != "adamw":
         raise UsageError("--weight_decay needs --optimizer=adamw.")
     if model.cell not in CELLS:

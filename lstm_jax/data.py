@@ -1,4 +1,8 @@
-"""Text in, batches out: download and cache, Gutenberg stripping, vocabulary, split, batching.
+"""Text to ids to batches: vocabulary, split, batching. The text comes from `lstm_jax.corpus`.
+
+Several documents (the files of a folder or a glob) each give their own last `val_fraction` to
+validation (`split_documents`): validation then samples every document, not only the last in
+sorted order, and a single document splits exactly as before.
 
 Batches follow char-rnn: the training text is cut into `global_batch` contiguous streams, and
 step k takes the next `seq_len` (+1 target) characters of every stream, so the LSTM state can be
@@ -9,135 +13,33 @@ run sees exactly the batches an uninterrupted one would.
 from __future__ import annotations
 
 import dataclasses
-import http.client
 import json
-import os
-import re
-import tempfile
-import urllib.error
-import urllib.parse
-import urllib.request
-from pathlib import Path
+from collections.abc import Callable
 
 import numpy as np
 
 from lstm_jax.config import DataConfig
+from lstm_jax.corpus import (  # noqa: F401 - re-exported: data was their home before corpus.
+    SEPARATOR,
+    download,
+    load_corpus,
+    load_documents,
+    read_text,
+    strip_gutenberg,
+)
 from lstm_jax.errors import UserError
 
-MAX_DOWNLOAD_BYTES = 64 * 1024 * 1024  # A Gutenberg book is a few MB; refuse anything huge.
-_START_RE = re.compile(r"^\*\*\* ?START OF (THE|THIS) PROJECT GUTENBERG EBOOK.*$", re.M | re.I)
-_END_RE = re.compile(r"^\*\*\* ?END OF (THE|THIS) PROJECT GUTENBERG EBOOK.*$", re.M | re.I)
 
-
-# --- Getting the text -----------------------------------------------------------------------
-
-
-def download(url: str, cache_dir: str | os.PathLike, *, timeout: float = 60.0) -> Path:
-    """Return the cached copy of `url`, downloading it once.
-
-    The body is written to a temporary file in the cache folder and renamed into place only when
-    complete and plausibly a Gutenberg text, so an interrupted download never leaves a half file.
-    """
-    parsed = urllib.parse.urlparse(url)
-    if parsed.scheme not in ("http", "https"):
-        raise UserError(f"Refusing to download {url!r}: only http(s) URLs are allowed.")
-    cache_dir = Path(cache_dir).expanduser()
-    target = cache_dir / (Path(parsed.path).name or "download.txt")
-    if target.is_file() and target.stat().st_size > 0:
-        return target
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(dir=cache_dir, prefix=target.name + ".", suffix=".part")
-    try:
-        with os.fdopen(fd, "wb") as out, urllib.request.urlopen(url, timeout=timeout) as reply:
-            declared = reply.headers.get("Content-Length")
-            size = 0
-            while chunk := reply.read(1 << 16):
-                size += len(chunk)
-                if size > MAX_DOWNLOAD_BYTES:
-                    raise UserError(f"{url} is larger than {MAX_DOWNLOAD_BYTES} bytes; not a book?")
-                out.write(chunk)
-            if declared is not None and size != int(declared):
-                raise UserError(
-                    f"Download of {url} broke off after {size} of {declared} bytes; run again, "
-                    "or pass --data_path=FILE with a local copy."
-                )
-        with open(tmp_name, "rb") as f:
-            text = f.read().decode("utf-8", errors="replace")
-        start = _START_RE.search(text)
-        if start is None:
-            raise UserError(
-                f"{url} did not return a Project Gutenberg text (no '*** START OF' line); "
-                "pass --data_path=FILE with a local copy."
-            )
-        # A reply without Content-Length ends wherever the connection dropped: only a text that
-        # reaches its END line is known to be whole, so only that one is cached.
-        if _END_RE.search(text, start.end()) is None:
-            raise UserError(
-                f"Download of {url} has no '*** END OF' line, so it was cut off; run again, "
-                "or pass --data_path=FILE with a local copy."
-            )
-        os.replace(tmp_name, target)
-        return target
-    except (urllib.error.URLError, OSError, ValueError, http.client.HTTPException) as e:
-        # HTTPException: e.g. IncompleteRead when a chunked reply breaks off mid-body.
-        if isinstance(e, urllib.error.HTTPError):
-            e.close()  # It holds the reply's open connection.
-        reason = f"HTTP {e.code} {e.reason}" if hasattr(e, "code") else getattr(e, "reason", e)
-        raise UserError(
-            f"Could not download {url} ({reason}); offline? Pass --data_path=FILE (a local copy)."
-        ) from None
-    finally:
-        if os.path.exists(tmp_name):
-            os.unlink(tmp_name)
-
-
-def read_text(path: str | os.PathLike, encoding: str = "utf-8") -> str:
-    """Read a text file, turning every way it can fail into one clear `UserError`."""
-    path = Path(path).expanduser()
-    if not path.exists():
-        raise UserError(f"--data_path={path} does not exist; give an existing text file.")
-    if path.is_dir():
-        raise UserError(f"--data_path={path} is a directory; give a text file.")
-    try:
-        raw = path.read_bytes()
-    except OSError as e:  # Permission denied, a broken disk, ...
-        raise UserError(f"--data_path={path} cannot be read: {e.strerror or e}.") from None
-    if not raw.strip():
-        raise UserError(f"--data_path={path} is empty; give a file with text in it.")
-    try:
-        return raw.decode(encoding)
-    except UnicodeDecodeError as e:
-        raise UserError(
-            f"{path} is not valid {encoding}: byte {e.object[e.start]:#04x} at offset {e.start}; "
-            "pass --encoding=latin-1 (or the file's real encoding)."
-        ) from None
-    except LookupError:
-        raise UserError(f"Unknown --encoding={encoding!r}; try utf-8 or latin-1.") from None
-
-
-def strip_gutenberg(text: str) -> tuple[str, bool]:
-    """Keep what lies between the Gutenberg START and END lines. Returns (body, had_markers)."""
-    start = _START_RE.search(text)
-    end = _END_RE.search(text, start.end() if start else 0)
-    if start is None or end is None:
-        return text, False
-    return text[start.end() : end.start()].strip("\r\n") + "\n", True
-
-
-def load_corpus(config: DataConfig) -> tuple[str, str]:
-    """The text to train on (stripped, lower-cased if asked) and a note on where it came from."""
-    if config.data_path:
-        path = Path(config.data_path)
-    else:
-        path = download(config.data_url, config.data_dir)
-    text = read_text(path, config.encoding)
-    body, had_markers = strip_gutenberg(text)
-    note = f"{path}: {len(body):,} characters"
-    if not had_markers:
-        note += " (no Gutenberg START/END lines; using the whole file)"
-    if config.lowercase:
-        body = body.lower()
-    return body, note
+def load_split(
+    config: DataConfig, make_vocab: Callable[[str], Vocab] | None = None
+) -> tuple[Vocab, np.ndarray, np.ndarray, str]:
+    """The vocabulary of the whole text (`make_vocab(text)`, by default its sorted characters;
+    fine-tuning passes its own), the training and validation ids, and the note."""
+    documents, note = load_documents(config)
+    vocab = (make_vocab or Vocab.from_text)(SEPARATOR.join(documents))
+    separator = vocab.encode(SEPARATOR) if len(documents) > 1 else None
+    ids = [vocab.encode(document) for document in documents]
+    return vocab, *split_documents(ids, config.val_fraction, separator), note
 
 
 # --- Vocabulary ----------------------------------------------------------------------------
@@ -158,8 +60,20 @@ class Vocab:
         return len(self.chars)
 
     def encode(self, text: str) -> np.ndarray:
-        index = {c: i for i, c in enumerate(self.chars)}
-        return np.fromiter((index[c] for c in text), dtype=np.int32, count=len(text))
+        """int32 ids: a table lookup over the text's code points, not a loop per character.
+
+        A character outside the vocabulary raises KeyError.
+        """
+        codes = _code_points(self.chars)
+        table = np.full(int(codes.max(initial=0)) + 2, -1, np.int32)  # Clipped to: unknown.
+        table[codes] = np.arange(len(codes), dtype=np.int32)
+        ids = np.empty(len(text), np.int32)
+        for start in range(0, len(text), _ENCODE_CHUNK):
+            chunk = _code_points(text[start : start + _ENCODE_CHUNK])
+            table.take(chunk, mode="clip", out=ids[start : start + len(chunk)])
+        if len(ids) and ids.min() < 0:
+            raise KeyError(text[int(np.argmax(ids < 0))])
+        return ids
 
     def decode(self, ids) -> str:
         return "".join(self.chars[int(i)] for i in np.asarray(ids).reshape(-1))
@@ -177,6 +91,13 @@ class Vocab:
         return cls(json.loads(data))
 
 
+_ENCODE_CHUNK = 1 << 24  # Characters encoded at a time: at most 64 MB of UTF-32 in flight.
+
+
+def _code_points(text: str) -> np.ndarray:
+    return np.frombuffer(text.encode("utf-32-le", "surrogatepass"), np.uint32)
+
+
 # --- Split and batches ---------------------------------------------------------------------
 
 
@@ -184,6 +105,25 @@ def split(ids: np.ndarray, val_fraction: float) -> tuple[np.ndarray, np.ndarray]
     """Split by position: the last `val_fraction` of the text is validation."""
     num_val = int(round(len(ids) * val_fraction))
     return ids[: len(ids) - num_val], ids[len(ids) - num_val :]
+
+
+def split_documents(
+    documents: list[np.ndarray], val_fraction: float, separator: np.ndarray | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """Split each document by position (its last `val_fraction` is validation) and join the
+    training parts, and the validation parts, with `separator` between them."""
+    parts = [split(ids, val_fraction) for ids in documents]
+    return _joined([t for t, _ in parts], separator), _joined([v for _, v in parts], separator)
+
+
+def _joined(parts: list[np.ndarray], separator: np.ndarray | None) -> np.ndarray:
+    parts = [part for part in parts if len(part)]
+    if len(parts) == 1:
+        return parts[0]
+    pieces = []
+    for part in parts:
+        pieces += [separator, part] if pieces else [part]
+    return np.concatenate(pieces) if pieces else np.zeros(0, np.int32)
 
 
 @dataclasses.dataclass(frozen=True)

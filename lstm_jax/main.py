@@ -13,8 +13,8 @@ from __future__ import annotations
 import jax
 from absl import logging
 
-from lstm_jax import checkpoint, cli, distributed, train
-from lstm_jax.config import Config
+from lstm_jax import checkpoint, cli, corpus, distributed, finetune, train
+from lstm_jax.config import Config, ModelConfig
 from lstm_jax.distributed import DistributedOptions
 
 
@@ -24,6 +24,7 @@ def main(argv: list[str]) -> None:
         cli.refuse_positional_arguments(argv)
         config = cli.read_flags(Config)
         config.validate()
+        corpus.source_files(config.data)  # A bad --data_path or download: before any write.
         # Before anything touches a device: JAX refuses to join a job after that.
         distributed.initialize(cli.read_flags(DistributedOptions))
         if jax.process_index() != 0:
@@ -37,6 +38,9 @@ def main(argv: list[str]) -> None:
             jax.device_count(),
             jax.local_devices()[0].device_kind,
         )
+        if config.init.init_from:  # Refused before anything is written in the workdir.
+            config = finetune.prepare(config, cli.given_settings(ModelConfig))
+            cli.set_flags(config.model)  # flags.txt holds the checkpoint's model settings.
         workdir = checkpoint.workdir_path(config.loop.workdir)  # Local or gs://.
         if jax.process_index() == 0:
             workdir.mkdir(parents=True, exist_ok=True)

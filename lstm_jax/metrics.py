@@ -5,7 +5,8 @@ file is rewritten whole instead, since a cloud object cannot be appended to.
 
 With `tensorboard_dir`, the numbers also go to TensorBoard event files there, through
 tensorboardX (no TensorFlow), an optional extra: `pip install 'lstm_jax[tensorboard]'`. Without
-it the JSON lines are written all the same.
+it the JSON lines are written all the same. TensorBoard's Text tab also gets the run's settings
+(as flags, with the first record) and the samples the loop logs (`write_text`).
 """
 
 from __future__ import annotations
@@ -13,22 +14,32 @@ from __future__ import annotations
 import json
 import os
 import time
+from typing import Any
 
 import jax
 from absl import logging
 from etils import epath
 
+from lstm_jax.settings import leaf_settings
+
 
 class MetricsFile:
     def __init__(
-        self, path: str | os.PathLike, *, tensorboard_dir: str | os.PathLike | None = None
+        self,
+        path: str | os.PathLike,
+        *,
+        tensorboard_dir: str | os.PathLike | None = None,
+        settings: Any = None,
     ):
+        """settings: a settings dataclass (the run's `Config`), for TensorBoard only."""
         self.path = epath.Path(path)
         self._appendable = "://" not in str(path)
         self._enabled = jax.process_index() == 0
         self._tensorboard = None
         if self._enabled and tensorboard_dir is not None:
             self._tensorboard = TensorBoardWriter.open(tensorboard_dir)
+        if self._tensorboard is not None and settings is not None:
+            self._tensorboard.pending_text["settings"] = flag_lines(settings)
 
     def write(self, **values: float | str) -> None:
         if not self._enabled:
@@ -45,16 +56,33 @@ class MetricsFile:
         if self._tensorboard is not None:
             self._tensorboard.write(record)
 
+    def write_text(self, tag: str, text: str, step: int) -> None:
+        """Text for TensorBoard's Text tab (a sample); metrics.jsonl keeps to numbers."""
+        if self._enabled and self._tensorboard is not None:
+            self._tensorboard.write_text(tag, text, step)
+
     def close(self) -> None:
         if self._tensorboard is not None:
             self._tensorboard.close()
 
 
+def flag_lines(settings: Any) -> str:
+    """A settings dataclass as the flags that give it, one a line."""
+    lines = []
+    for f, value in leaf_settings(settings):
+        name = f.metadata.get("flag") or f.name
+        is_bool = isinstance(value, bool)
+        lines.append(f"--{'' if value else 'no'}{name}" if is_bool else f"--{name}={value}")
+    return "\n".join(lines)
+
+
 class TensorBoardWriter:
-    """Every number of a metrics record as a TensorBoard scalar, tagged with its JSON key."""
+    """Every number of a metrics record as a TensorBoard scalar, tagged with its JSON key; and
+    text, each line kept (as a Markdown code block)."""
 
     def __init__(self, writer):
         self._writer = writer
+        self.pending_text: dict[str, str] = {}  # Tag -> text, written at the next record's step.
 
     @classmethod
     def open(cls, logdir: str | os.PathLike) -> TensorBoardWriter | None:
@@ -74,12 +102,20 @@ class TensorBoardWriter:
             return None
 
     def write(self, record: dict[str, object]) -> None:
+        for tag, text in self.pending_text.items():
+            self.write_text(tag, text, record["step"])
+        self.pending_text.clear()
         for key, value in record.items():
             if key in ("step", "time") or isinstance(value, bool):
                 continue
             if isinstance(value, int | float):
                 self._writer.add_scalar(key, value, record["step"], walltime=record["time"])
         self._writer.flush()  # Once per logging interval: a killed run keeps its curves.
+
+    def write_text(self, tag: str, text: str, step: int) -> None:
+        markdown = "\n".join(f"    {line}" for line in text.split("\n"))  # Kept as it is.
+        self._writer.add_text(tag, markdown, step)
+        self._writer.flush()
 
     def close(self) -> None:
         self._writer.close()

@@ -4,19 +4,19 @@
         --length=500 --temperature=0.8 --checkpoint=best --num_samples=3
 
 The model (its settings, vocabulary and parameters) comes from the checkpoint; the sampler
-itself is `lstm_jax.generate`.
+itself is `lstm_jax.generate`. Text is printed as it is generated (the first sample; any others
+follow when it is done), and is the same text, character for character, as in one piece.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import functools
 import sys
-
-import jax
+from pathlib import Path
 
 from lstm_jax import cli
 from lstm_jax.config import SampleConfig, section, setting
+from lstm_jax.errors import UsageError, UserError
 
 
 @dataclasses.dataclass(frozen=True)
@@ -27,6 +27,17 @@ class SampleOptions:
     checkpoint: str = setting("best", "Checkpoint to sample from: latest, best or a step number.")
     seed: int = setting(0, "Seed of the random draws: the same seed gives the same text.")
     top_k: int = setting(0, "Sample from the k most likely characters; 0: all.")
+    top_p: float = setting(
+        1.0, "Nucleus sampling: draw from the fewest most likely characters whose probability "
+        "reaches p (after --temperature and --top_k), in (0, 1]; 1: off."
+    )  # fmt: skip
+    stop: str = setting(
+        "", "End each sample at the first occurrence of this text in it, which is printed "
+        "(included). Not given: no stop. A newline from bash: --stop=$'\\n'."
+    )  # fmt: skip
+    prompt_file: str = setting(
+        "", "UTF-8 file whose whole text (newlines included) is the prompt, instead of --prompt."
+    )
     num_samples: int = setting(1, "Samples to generate at once.")
     unknown: str = setting(
         "error",
@@ -36,49 +47,76 @@ class SampleOptions:
     sample: SampleConfig = section(SampleConfig)
 
 
+def read_prompt(options: SampleOptions, stop_given: bool = False) -> str:
+    """The prompt (from --prompt or --prompt_file), after checking the flags that need no model."""
+    if stop_given and not options.stop:
+        raise UsageError("--stop must not be empty; leave the flag out for no stop.")
+    if not 0 < options.top_p <= 1:
+        raise UsageError(f"--top_p must be in (0, 1] (1: off), got {options.top_p}.")
+    if not options.prompt_file:
+        return options.sample.prompt
+    if options.sample.prompt:
+        raise UsageError("--prompt and --prompt_file both give the prompt; pass only one.")
+    path = Path(options.prompt_file).expanduser()
+    try:
+        return path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise UserError(f"--prompt_file={path} does not exist.") from None
+    except IsADirectoryError:
+        raise UserError(f"--prompt_file={path} is a directory, not a file.") from None
+    except UnicodeDecodeError as e:
+        raise UserError(f"--prompt_file={path} is not UTF-8 text ({e.reason}).") from None
+    except OSError as e:
+        raise UserError(f"--prompt_file={path} cannot be read ({e.strerror}).") from None
+
+
 def main(argv: list[str]) -> None:
     with cli.user_errors():
         cli.refuse_positional_arguments(argv)
         options = cli.read_flags(SampleOptions)
-        from lstm_jax.checkpoint import Checkpoints, abstract_like
-        from lstm_jax.data import Vocab
-        from lstm_jax.generate import check_sampling_args, sample_text
-        from lstm_jax.models import init_params, model_from_settings
+        prompt = read_prompt(options, stop_given=bool(cli.FLAGS["stop"].present))
+        from lstm_jax.api import restore
+        from lstm_jax.generate import check_sampling_args, stream_text
 
-        checkpoints = Checkpoints(options.workdir, read_only=True)
-        step = checkpoints.resolve(options.checkpoint)
-        meta = checkpoints.read_meta(step)
-        vocab = Vocab(meta["vocab"])
+        model, params, vocab, step, meta = restore(options.workdir, options.checkpoint)
         text_options = options.sample
         check_sampling_args(
             text_options.length, text_options.temperature, options.top_k, vocab.size
         )
-        model = model_from_settings(meta["settings"], vocab.size)
-        abstract = jax.eval_shape(functools.partial(init_params, model), jax.random.key(0))
-        device = jax.local_devices()[0]
-        params = checkpoints.restore_params(
-            step, abstract_like(abstract, jax.sharding.SingleDeviceSharding(device))
-        )
-        texts = sample_text(
+        pieces = stream_text(
             model,
             params,
             vocab,
-            text_options.prompt,
+            prompt,
             length=text_options.length,
             temperature=text_options.temperature,
             top_k=options.top_k,
+            top_p=options.top_p,
             num_samples=options.num_samples,
             seed=options.seed,
             unknown=options.unknown,
+            stop=options.stop,
         )
         print(
             f"# step {step}, validation {meta.get('val_bpc', float('nan')):.3f} bpc",
             file=sys.stderr,
         )
-        for i, text in enumerate(texts):
-            if len(texts) > 1:
-                print(f"--- sample {i + 1} ---")
-            print(text_options.prompt + text)
+        print_as_generated(pieces, prompt, options.num_samples)
+
+
+def print_as_generated(pieces, prompt: str, num_samples: int) -> None:
+    """Each sample as `prompt + text`, the first one piece by piece as the pieces come."""
+    texts = [""] * num_samples
+    for number, row_pieces in enumerate(pieces):
+        if number == 0:  # Only now: a bad prompt is refused before anything is printed.
+            print("--- sample 1 ---\n" if num_samples > 1 else "", end="")
+            print(prompt, end="", flush=True)
+        print(row_pieces[0], end="", flush=True)
+        texts = [text + piece for text, piece in zip(texts, row_pieces, strict=True)]
+    print()
+    for i, text in enumerate(texts[1:], start=2):
+        print(f"--- sample {i} ---")
+        print(prompt + text)
 
 
 if __name__ == "__main__":

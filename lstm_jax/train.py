@@ -23,13 +23,14 @@ from absl import logging
 from lstm_jax import parallel
 from lstm_jax.checkpoint import open_checkpoints, restore_latest_usable, workdir_path
 from lstm_jax.config import Config
-from lstm_jax.data import Batcher, Vocab, eval_streams, load_corpus, split
+from lstm_jax.data import Batcher, Vocab, eval_streams, load_split
 from lstm_jax.errors import UsageError, UserError
 from lstm_jax.evaluate import evaluate
+from lstm_jax.finetune import init_state, vocab_builder
 from lstm_jax.generate import sample_text
 from lstm_jax.metrics import MetricsFile, Timer, every, summarise
 from lstm_jax.models import count_params
-from lstm_jax.steps import bits_per_char, init_state, learning_rate_schedule, total_steps
+from lstm_jax.steps import bits_per_char, learning_rate_schedule, total_steps
 from lstm_jax.stop import StopSignal
 
 
@@ -108,7 +109,7 @@ def train_and_evaluate(
     num_steps = total_steps(config, data.batcher.steps_per_epoch)
 
     # --- Model and state ---
-    model, state = init_state(config, data.vocab.size, num_steps)
+    model, state = init_state(config, data.vocab, num_steps, log)  # --init_from: its params.
     state = parallel.replicate(state, devices)
     log(
         f"{data.note}; vocabulary {data.vocab.size}; train {len(data.batcher.train_ids):,} / "
@@ -123,7 +124,7 @@ def train_and_evaluate(
         workdir, keep=config.loop.keep_checkpoints, restart=config.loop.restart, log=log
     )
     state, carry, progress, timer = _resume(config, model, state, checkpoints, data, devices, log)
-    metrics_file = MetricsFile(workdir / "metrics.jsonl", tensorboard_dir=workdir)
+    metrics_file = MetricsFile(workdir / "metrics.jsonl", tensorboard_dir=workdir, settings=config)
     run = _Run(
         config,
         devices,
@@ -209,7 +210,7 @@ def _train(run: _Run) -> tuple[int, str | None]:
                 if checkpoint_now:
                     _save(run, step)
             if sample_now:
-                run.log(f"sample at step {step}:\n{_sample_for_log(run)}")
+                run.log(f"sample at step {step}:\n{_sample_for_log(run, step)}")
             run.timer.resume()
             if stopped_by:
                 break
@@ -221,9 +222,7 @@ def _train(run: _Run) -> tuple[int, str | None]:
 
 def load_run_data(config: Config) -> RunData:
     """The corpus, its vocabulary, the split, the batcher and this process's validation rows."""
-    text, note = load_corpus(config.data)
-    vocab = Vocab.from_text(text)
-    train_ids, val_ids = split(vocab.encode(text), config.data.val_fraction)
+    vocab, train_ids, val_ids, note = load_split(config.data, vocab_builder(config))
     d = config.data
     batcher = Batcher(train_ids, d.seq_len, d.global_batch, d.seed, d.carry_state)
     if len(val_ids) <= d.seq_len:
@@ -353,15 +352,16 @@ def _log_end(run: _Run, stopped_by: str | None, step: int) -> None:
             "command again to resume."
         )
     elif run.train_losses:  # It trained at least one step.
-        run.log(f"Finished {run.num_steps} steps; sample:\n{_sample_for_log(run)}")
+        run.log(f"Finished {run.num_steps} steps; sample:\n{_sample_for_log(run, step)}")
     else:
         run.log(
             f"{run.checkpoints.directory} already holds the final step {step}; nothing to train."
         )
 
 
-def _sample_for_log(run: _Run) -> str:
-    """A short sample for the log, from the prompt or a random window of the validation text."""
+def _sample_for_log(run: _Run, step: int) -> str:
+    """A short sample for the log and TensorBoard, from the prompt or a random window of the
+    validation text."""
     if jax.process_index() != 0:  # Sampling is local work; the other processes skip it.
         return ""
     config, vocab, val_ids = run.config, run.data.vocab, run.data.val_ids
@@ -380,6 +380,7 @@ def _sample_for_log(run: _Run) -> str:
         seed=config.data.seed,
         unknown="skip",
     )
+    run.metrics_file.write_text("sample", f"{prompt}|{text}", step)
     return f"{prompt}|{text}"
 
 

@@ -57,6 +57,7 @@ TRAIN = "tests/test_train.py"
 DATA = "tests/test_data.py"
 SAMPLE = "tests/test_sample.py"
 CHECKPOINT = "tests/test_checkpoint.py"
+WORKFLOWS = "tests/test_workflows.py"
 NOT_DRACULA = "not on_dracula"  # test_train's 300-step Dracula run: the slowest of test_train.
 STOP_AND_RESUME = f"{CHECKPOINT}::test_stop_and_resume_gives_the_parameters_of_an_uninterrupted_run"
 
@@ -73,6 +74,16 @@ class Mutation:
 
 
 NUM_EPOCHS = "tests/test_cli.py::test_num_epochs_trains_the_ceiling_of_epochs_times_steps_per_epoch"
+FT = "tests/test_finetune.py::test_"
+FT_FASTER = FT + "fine_tuning_learns_a_new_text_faster_than_training_from_scratch"
+FT_EXTEND = FT + "extend_vocab_keeps_every_learnt_parameter_and_adds_new_rows"
+FT_COMMAND = FT + "the_command_line_takes_the_model_from_the_checkpoint"
+FT_REFUSED = FT + "refused_starts_give_one_line_and_write_nothing"
+INFO = "tests/test_info.py"
+TB_TEXT = (
+    "tests/test_metrics.py::test_"
+    + "tensorboard_text_holds_the_runs_settings_and_the_samples_it_logged"
+)
 
 MUTATIONS: tuple[Mutation, ...] = (
     # --- The train step ---------------------------------------------------------------------
@@ -218,7 +229,7 @@ MUTATIONS: tuple[Mutation, ...] = (
         "grad_clip_never_applied",
         "steps.py",
         "if optim.grad_clip > 0:",
-        "if config.grad_clip < 0:",
+        "if optim.grad_clip < 0:",
         (REF,),
         "gradient clipping is off whatever --grad_clip says",
     ),
@@ -234,7 +245,7 @@ MUTATIONS: tuple[Mutation, ...] = (
         "grad_clip_elementwise",
         "steps.py",
         "optax.clip_by_global_norm(optim.grad_clip)",
-        "optax.clip(config.grad_clip)",
+        "optax.clip(optim.grad_clip)",
         (REF,),
         "each gradient element clipped to +-grad_clip instead of the global norm",
     ),
@@ -250,7 +261,7 @@ MUTATIONS: tuple[Mutation, ...] = (
         "adam_instead_of_adamw",
         "steps.py",
         'if optim.optimizer == "adamw":',
-        'if config.optimizer == "adam":',
+        'if optim.optimizer == "adam":',
         (REF,),
         "--optimizer=adamw gets Adam (and adam gets AdamW)",
     ),
@@ -351,8 +362,8 @@ MUTATIONS: tuple[Mutation, ...] = (
     Mutation(
         "temperature_ignored",
         "generate.py",
-        "sampled = jax.random.categorical(key, logits / jnp.maximum(temperature, 1e-6), axis=-1)",
-        "sampled = jax.random.categorical(key, logits, axis=-1)",
+        "tempered = logits / jnp.maximum(temperature, 1e-6)",
+        "tempered = logits",
         (SAMPLE, REF),
         "sampling always at temperature 1",
     ),
@@ -383,10 +394,90 @@ MUTATIONS: tuple[Mutation, ...] = (
     Mutation(
         "same_key_every_sampling_step",
         "generate.py",
-        "token = _next_token(logits[:, 0], step_key, temperature, top_k)",
-        "token = _next_token(logits[:, 0], key, temperature, top_k)",
+        "token = _next_token(logits[:, 0], step_key, temperature, top_k, top_p)",
+        "token = _next_token(logits[:, 0], keys[0], temperature, top_k, top_p)",
         (SAMPLE, REF),
         "every character is drawn with the same random key",
+    ),
+    Mutation(
+        "top_p_on_untempered_logits",
+        "generate.py",
+        "    if top_p < 1:\n        tempered = _nucleus(tempered, top_p)",
+        "    if top_p < 1:\n        tempered = _nucleus(logits, top_p)"
+        " / jnp.maximum(temperature, 1e-6)",
+        (f"{REF}::test_top_p_frequencies_follow_the_nucleus_computed_by_hand",),
+        "the nucleus is chosen from the untempered distribution",
+    ),
+    Mutation(
+        "top_p_drops_the_character_that_reaches_p",
+        "generate.py",
+        "keep_sorted = before < top_p",
+        "keep_sorted = before + probs < top_p",
+        (f"{REF}::test_top_p_frequencies_follow_the_nucleus_computed_by_hand",),
+        "the nucleus stops short of p (and is empty when the top character alone reaches it)",
+    ),
+    Mutation(
+        "stream_restarts_the_carry_every_chunk",
+        "generate.py",
+        "(carry, token), tokens = _draw_chunk(",
+        "(_, token), tokens = _draw_chunk(",
+        (SAMPLE,),
+        "streamed text forgets everything before each chunk: not the unstreamed text",
+        k="stream",
+    ),
+    Mutation(
+        "stop_missed_across_chunks",
+        "generate.py",
+        "max(before - len(stop) + 1, 0)",
+        "before",
+        (SAMPLE,),
+        "a --stop string split over two streamed chunks is not seen",
+        k="stop",
+    ),
+    Mutation(
+        "stop_excluded",
+        "generate.py",
+        "return text if end < 0 else text[: end + len(stop)]",
+        "return text if end < 0 else text[:end]",
+        (SAMPLE,),
+        "--stop cuts the text before the stop string, not after it as documented",
+        k="stop",
+    ),
+    Mutation(
+        "sample_command_ignores_top_p",
+        "sample.py",
+        "            top_p=options.top_p,\n",
+        "",
+        (WORKFLOWS,),
+        "python -m lstm_jax.sample --top_p=... samples without it",
+        k="streams_the_unstreamed",
+    ),
+    Mutation(
+        "streamed_text_not_flushed",
+        "sample.py",
+        'print(row_pieces[0], end="", flush=True)',
+        'print(row_pieces[0], end="")',
+        (WORKFLOWS,),
+        "the sample command's text waits in the stdout buffer instead of appearing as it comes",
+        k="arrives",
+    ),
+    Mutation(
+        "score_counts_padding",
+        "api.py",
+        "weights = (np.arange(num_chunks * SCORE_CHUNK) < len(ids) - 1).astype(np.float32)",
+        "weights = np.ones(num_chunks * SCORE_CHUNK, np.float32)",
+        (WORKFLOWS,),
+        "lstm_jax.load(...).score counts the padding after the text",
+        k="score",
+    ),
+    Mutation(
+        "export_overwrites_a_full_folder",
+        "export.py",
+        "if path.is_dir() and any(path.iterdir()) and not overwrite:",
+        "if False:",
+        (WORKFLOWS,),
+        "python -m lstm_jax.export writes into a non-empty --out without --overwrite",
+        k="round_trips",
     ),
     # --- Data -------------------------------------------------------------------------------
     Mutation(
@@ -448,6 +539,127 @@ MUTATIONS: tuple[Mutation, ...] = (
         ("tests/test_ablations.py",),
         "the sampler rebuilds a residual model without its skip connections",
     ),
+    # --- Fine-tuning, info, TensorBoard text ------------------------------------------------
+    Mutation(
+        "init_from_params_not_loaded",
+        "finetune.py",
+        "return model, state.replace(params=params, opt_state=state.tx.init(params))",
+        "return model, state",
+        (FT_FASTER, FT_EXTEND),
+        "--init_from starts from a fresh initialisation, not the checkpoint's parameters",
+    ),
+    Mutation(
+        "extended_vocab_sorted",
+        "finetune.py",
+        'return Vocab(saved_chars + "".join(new))',
+        'return Vocab.from_text(saved_chars + "".join(new))',
+        (FT_EXTEND,),
+        "--extend_vocab sorts the new characters in among the old: learnt ids change meaning",
+    ),
+    Mutation(
+        "grown_params_in_the_wrong_corner",
+        "finetune.py",
+        "out[tuple(slice(0, n) for n in old.shape)] = old",
+        "out[tuple(slice(-n, None) for n in old.shape)] = old",
+        (FT_EXTEND,),
+        "--extend_vocab copies the learnt rows to the end of the bigger table",
+    ),
+    Mutation(
+        "fine_tuning_resume_needs_the_source",
+        "finetune.py",
+        "    if not config.loop.restart:\n        own = Checkpoints(",
+        "    if False:\n        own = Checkpoints(",
+        (FT_EXTEND,),
+        "a fine-tuning run cannot resume once the run it started from is gone",
+    ),
+    Mutation(
+        "fine_tuning_model_flags_not_checked",
+        "finetune.py",
+        '    if differences:\n        raise UsageError(\n            f"The model settings come',
+        '    if False:\n        raise UsageError(\n            f"The model settings come',
+        (FT_REFUSED,),
+        "a model flag that differs from the checkpoint's is silently ignored",
+    ),
+    Mutation(
+        "init_from_missing_workdir_unchecked",
+        "finetune.py",
+        "if not workdir_path(workdir).is_dir():",
+        "if False:",
+        (FT_REFUSED,),
+        "a missing --init_from workdir is reported as a workdir without checkpoints",
+    ),
+    Mutation(
+        "init_from_bad_step_unchecked",
+        "finetune.py",
+        "if which.isdigit() and int(which) not in saved:",
+        "if False:",
+        (FT_REFUSED,),
+        "a bad --init_from step is refused with --checkpoint's message",
+    ),
+    Mutation(
+        "new_characters_allowed",
+        "finetune.py",
+        "if new and not extend:",
+        "if False:",
+        (FT_REFUSED,),
+        "new characters without --extend_vocab are not refused",
+    ),
+    Mutation(
+        "extend_vocab_alone_allowed",
+        "config.py",
+        "if config.init.extend_vocab and not config.init.init_from:",
+        "if False:",
+        (FT_REFUSED,),
+        "--extend_vocab without --init_from is silently ignored",
+    ),
+    Mutation(
+        "main_does_not_prepare_fine_tuning",
+        "main.py",
+        "config = finetune.prepare(config, cli.given_settings(ModelConfig))",
+        "pass",
+        (FT_REFUSED, FT_COMMAND),
+        "main writes flags.txt before refusing a fine-tuning start, and ignores the model",
+    ),
+    Mutation(
+        "flags_txt_lacks_the_checkpoints_model",
+        "main.py",
+        "cli.set_flags(config.model)",
+        "pass",
+        (FT_COMMAND,),
+        "flags.txt of a fine-tuning run holds the default model settings",
+    ),
+    Mutation(
+        "info_marks_no_best",
+        "info.py",
+        "best=step == best",
+        "best=False",
+        (INFO,),
+        "info does not mark the best checkpoint",
+    ),
+    Mutation(
+        "info_counts_another_model",
+        "info.py",
+        'model = CharLSTM(model_config, len(meta["vocab"]))',
+        'model = CharLSTM(model_config, len(meta["vocab"]) + 1)',
+        (INFO,),
+        "info counts the parameters of a model with one more character",
+    ),
+    Mutation(
+        "tensorboard_lacks_settings",
+        "metrics.py",
+        'self._tensorboard.pending_text["settings"] = flag_lines(settings)',
+        "pass",
+        (TB_TEXT,),
+        "TensorBoard gets no settings text",
+    ),
+    Mutation(
+        "tensorboard_lacks_samples",
+        "train.py",
+        'run.metrics_file.write_text("sample", f"{prompt}|{text}", step)',
+        "pass",
+        (TB_TEXT,),
+        "TensorBoard gets no samples",
+    ),
 )
 
 
@@ -477,12 +689,28 @@ def check_mutations(mutations: tuple[Mutation, ...]) -> None:
                 compile(text.replace(m.old, m.new), str(path), "exec")
             except SyntaxError as e:
                 problems.append(f"{m.name}: the mutated file does not parse: {e}")
+            else:  # Nor would one that names something undefined (a NameError, not a bug).
+                undefined = _undefined_names(text.replace(m.old, m.new), path)
+                if undefined:
+                    problems.append(f"{m.name}: the mutant names undefined {undefined}")
         if m.old == m.new:
             problems.append(f"{m.name}: old and new are the same")
         if not m.tests:
             problems.append(f"{m.name}: no tests selected")
     if problems:
         sys.exit("The mutation list does not fit the code any more:\n  " + "\n  ".join(problems))
+
+
+def _undefined_names(source: str, path: Path) -> str:
+    """ruff's undefined-name findings (F821) in `source`, or "" when there are none."""
+    result = subprocess.run(
+        ["ruff", "check", "--no-cache", "--select", "F821", "--output-format", "concise",
+         "--stdin-filename", str(path), "-"],
+        input=source, capture_output=True, text=True,
+    )  # fmt: skip
+    return " ".join(
+        line.split(": ", 1)[-1] for line in result.stdout.splitlines() if "F821" in line
+    )
 
 
 def make_copy(dest: Path) -> None:
@@ -510,9 +738,10 @@ def environment(copy: Path, cache_dir: Path) -> dict[str, str]:
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(copy), env.get("PYTHONPATH")) if p)
     env["PYTHONDONTWRITEBYTECODE"] = "1"
-    # One persistent XLA cache for the whole check: keys are the compiled programs' text, so a
-    # mutated program never hits an unmutated entry, and unchanged ones compile once.
-    env.setdefault("JAX_COMPILATION_CACHE_DIR", str(cache_dir))
+    # One persistent XLA cache for the commands the tests start, over the whole check: keys are
+    # the compiled programs' text, so a mutated program never hits an unmutated entry. The test
+    # process itself runs without one (tests/conftest.py says why).
+    env.setdefault("LSTM_JAX_TEST_COMPILE_CACHE", str(cache_dir))
     if not env.get(DRACULA_ENV) and DRACULA_FALLBACK.is_file():
         env[DRACULA_ENV] = str(DRACULA_FALLBACK)
     return env

@@ -171,7 +171,7 @@ def _write(path: Path, data: bytes) -> str:
 BAD_INPUTS = [
     # (name, args (with {tmp} and {text}), exit code, a phrase the error line must contain)
     ("missing file", ["--data_path={tmp}/nope.txt"], 1, "does not exist"),
-    ("directory", ["--data_path={tmp}"], 1, "is a directory"),
+    ("folder with an empty file", ["--data_path={tmp}"], 1, "empty.txt is empty"),
     ("empty file", ["--data_path={empty}"], 1, "is empty"),
     ("not utf-8", ["--data_path={latin1}"], 1, "--encoding"),
     ("text too short", ["--data_path={short}"], 1, "too short"),

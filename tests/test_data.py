@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import collections
+import dataclasses
 import http.server
 import os
 import socket
@@ -13,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from lstm_jax import corpus
 from lstm_jax.config import DataConfig
 from lstm_jax.data import (
     Batcher,
@@ -24,7 +26,7 @@ from lstm_jax.data import (
     split,
     strip_gutenberg,
 )
-from lstm_jax.errors import UserError
+from lstm_jax.errors import UsageError, UserError
 
 BODY = "It was a dark night.\n\nThe Count smiled.\nTHE END\n"
 LICENCE = (
@@ -57,8 +59,8 @@ def gutenberg_book(title: str = "PRIDE AND PREJUDICE", word: str = "THE", newlin
 # --- Gutenberg stripping --------------------------------------------------------------------
 
 
-def test_strip_gutenberg_keeps_only_the_dracula_book(dracula_path):
-    text = read_text(dracula_path)
+def test_strip_gutenberg_keeps_only_the_dracula_book(gutenberg_dracula_path):
+    text = read_text(gutenberg_dracula_path)
     body, had_markers = strip_gutenberg(text)
     assert had_markers
     assert "Project Gutenberg" in text[:2000]  # The file does carry the header and licence.
@@ -361,7 +363,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
 
     def do_GET(self):
         self.requests[self.path] += 1
-        if self.path == "/book.txt":
+        if self.path in ("/book.txt", "/cache/epub/1342/pg1342.txt"):
             self._reply(BOOK)
         elif self.path == "/missing.txt":
             self.send_error(404, "Not Found")
@@ -515,3 +517,54 @@ def test_load_corpus_downloads_when_no_path_is_given(server, tmp_path):
     assert "book.txt" in note
     load_corpus(config)
     assert requests["/book.txt"] == 1
+
+
+# --- --gutenberg=ID, against the same server ------------------------------------------------
+
+
+def test_gutenberg_numbers_name_the_plain_text_files_of_gutenberg_org():
+    assert corpus.GUTENBERG_URL.format(id=1342) == (
+        "https://www.gutenberg.org/cache/epub/1342/pg1342.txt"
+    )
+
+
+@pytest.fixture
+def gutenberg_here(server, monkeypatch):
+    """--gutenberg=ID downloads from the local server (same layout as www.gutenberg.org)."""
+    monkeypatch.setattr(corpus, "GUTENBERG_URL", f"{server.url}/cache/epub/{{id}}/pg{{id}}.txt")
+    return server
+
+
+def test_gutenberg_downloads_the_book_of_that_number_once(gutenberg_here, tmp_path):
+    requests = gutenberg_here.requests
+    config = DataConfig(gutenberg=1342, data_dir=str(tmp_path / "cache"))
+    body, note = load_corpus(config)
+    assert body == BODY
+    assert "pg1342.txt" in note
+    assert (tmp_path / "cache" / "pg1342.txt").read_bytes() == BOOK
+    assert load_corpus(config)[0] == BODY  # From the cache:
+    assert requests["/cache/epub/1342/pg1342.txt"] == 1
+
+
+def test_gutenberg_of_a_missing_book_is_a_user_error_and_caches_nothing(gutenberg_here, tmp_path):
+    with pytest.raises(UserError, match="HTTP 500") as info:
+        load_corpus(DataConfig(gutenberg=99, data_dir=str(tmp_path)))
+    assert "/cache/epub/99/pg99.txt" in str(info.value) and "--data_path" in str(info.value)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_data_path_wins_over_gutenberg_which_wins_over_data_url(gutenberg_here, tmp_path):
+    requests = gutenberg_here.requests
+    local = tmp_path / "mine.txt"
+    local.write_text("My own text.\n")
+    url = f"{gutenberg_here.url}/missing.txt"
+    both = DataConfig(data_path=str(local), gutenberg=1342, data_url=url, data_dir=str(tmp_path))
+    assert load_corpus(both)[0] == "My own text.\n"
+    assert sum(requests.values()) == 0
+    assert load_corpus(dataclasses.replace(both, data_path=""))[0] == BODY
+    assert requests["/missing.txt"] == 0
+
+
+def test_gutenberg_refuses_a_negative_number(tmp_path):
+    with pytest.raises(UsageError, match="--gutenberg must be a book number"):
+        load_corpus(DataConfig(gutenberg=-5, data_dir=str(tmp_path)))

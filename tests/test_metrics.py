@@ -1,5 +1,6 @@
-"""Run tracking: metrics.jsonl holds every field, TensorBoard gets the same numbers, and the
-JSON lines do not depend on the optional tensorboardX."""
+"""Run tracking: metrics.jsonl holds every field, TensorBoard gets the same numbers plus the
+run's settings and samples as text, and the JSON lines do not depend on the optional
+tensorboardX."""
 
 import json
 import struct
@@ -30,7 +31,8 @@ VAL_FIELDS = {"time", "step", "wall_seconds", "train_seconds", "val_loss", "val_
 
 @pytest.fixture(scope="module")
 def resumed_run(tmp_path_factory, small_text):
-    """A tiny GRU run to step 8, then resumed to step 12: (config, its metrics records)."""
+    """A tiny GRU run to step 8, then resumed to step 12: (config, its metrics records, the
+    messages it logged)."""
     tmp = tmp_path_factory.mktemp("tracked")
     (tmp / "small.txt").write_text(small_text)
     config = Config.create(
@@ -49,15 +51,15 @@ def resumed_run(tmp_path_factory, small_text):
         checkpoint_every=4,
         length=5,
     )
-    devices = jax.local_devices()[:1]
-    train_and_evaluate(config, devices=devices)
-    train_and_evaluate(config.replace(num_steps=12), devices=devices)
+    devices, logged = jax.local_devices()[:1], []
+    train_and_evaluate(config, devices=devices, log=logged.append)
+    train_and_evaluate(config.replace(num_steps=12), devices=devices, log=logged.append)
     lines = (tmp / "run" / "metrics.jsonl").read_text().splitlines()
-    return config, [json.loads(line) for line in lines]
+    return config, [json.loads(line) for line in lines], logged
 
 
 def test_metrics_jsonl_has_every_field_of_every_record(resumed_run):
-    config, records = resumed_run
+    config, records, _ = resumed_run
     starts = [r for r in records if "parameters" in r]
     train = [r for r in records if "train_loss" in r]
     val = [r for r in records if "val_loss" in r]
@@ -77,7 +79,7 @@ def test_metrics_jsonl_has_every_field_of_every_record(resumed_run):
 
 
 def test_wall_time_includes_training_and_continues_across_a_resume(resumed_run):
-    _, records = resumed_run
+    _, records, _ = resumed_run
     timed = [r for r in records if "wall_seconds" in r]
     walls = [r["wall_seconds"] for r in timed]
     assert walls == sorted(walls) and walls[0] > 0
@@ -86,11 +88,10 @@ def test_wall_time_includes_training_and_continues_across_a_resume(resumed_run):
     assert trains == sorted(trains)
 
 
-def _tensorboard_scalars(folder) -> dict[str, dict[int, float]]:
-    """tag -> {step: value} from every TFRecord event file in `folder`."""
+def _tensorboard_values(folder):
+    """(step, summary value) of every summary in every TFRecord event file in `folder`."""
     from tensorboardX.proto import event_pb2
 
-    scalars: dict[str, dict[int, float]] = {}
     files = sorted(folder.glob("events.out.tfevents.*"))
     assert files, f"no event files in {folder}"
     for path in files:
@@ -101,13 +102,33 @@ def _tensorboard_scalars(folder) -> dict[str, dict[int, float]]:
             event = event_pb2.Event.FromString(data[offset + 12 : offset + 12 + length])
             offset += 12 + length + 4  # length, its CRC, the record, its CRC.
             for value in event.summary.value:
-                scalars.setdefault(value.tag, {})[event.step] = value.simple_value
+                yield event.step, value
+
+
+def _tensorboard_scalars(folder) -> dict[str, dict[int, float]]:
+    """tag -> {step: value} of the scalars."""
+    scalars: dict[str, dict[int, float]] = {}
+    for step, value in _tensorboard_values(folder):
+        if not value.HasField("tensor"):
+            scalars.setdefault(value.tag, {})[step] = value.simple_value
     return scalars
+
+
+def _tensorboard_texts(folder) -> dict[str, list[tuple[int, str]]]:
+    """tag -> [(step, text)] of the text summaries, in order, their code-block indent removed."""
+    texts: dict[str, list[tuple[int, str]]] = {}
+    for step, value in _tensorboard_values(folder):
+        if value.metadata.plugin_data.plugin_name == "text":
+            markdown = value.tensor.string_val[0].decode()
+            assert all(line.startswith("    ") for line in markdown.split("\n")), markdown
+            text = "\n".join(line[4:] for line in markdown.split("\n"))
+            texts.setdefault(value.tag.removesuffix("/text_summary"), []).append((step, text))
+    return texts
 
 
 def test_tensorboard_events_hold_the_numbers_of_metrics_jsonl(resumed_run):
     pytest.importorskip("tensorboardX", reason="the tensorboard extra is not installed")
-    config, records = resumed_run
+    config, records, _ = resumed_run
     from pathlib import Path
 
     scalars = _tensorboard_scalars(Path(config.loop.workdir))
@@ -119,6 +140,24 @@ def test_tensorboard_events_hold_the_numbers_of_metrics_jsonl(resumed_run):
             assert scalars[key][step] == pytest.approx(value, rel=1e-6), key
     val = {r["step"]: r["val_bpc"] for r in records if "val_bpc" in r}
     assert scalars["val_bpc"] == pytest.approx(val, rel=1e-6)
+
+
+def test_tensorboard_text_holds_the_runs_settings_and_the_samples_it_logged(resumed_run):
+    pytest.importorskip("tensorboardX", reason="the tensorboard extra is not installed")
+    config, _, logged = resumed_run
+    from pathlib import Path
+
+    texts = _tensorboard_texts(Path(config.loop.workdir))
+    # The settings, as flags, at the step each run (the first, then the resume) starts from.
+    assert [step for step, _ in texts["settings"]] == [0, 8]
+    for (_, text), num_steps in zip(texts["settings"], (8, 12), strict=True):
+        flags = text.splitlines()
+        assert "--cell=gru" in flags and "--hidden=16" in flags and "--nolowercase" in flags
+        assert f"--num_steps={num_steps}" in flags and f"--workdir={config.loop.workdir}" in flags
+    # Each run's closing sample, exactly as the log has it.
+    ends = [m.split("sample:\n", 1)[1] for m in logged if m.startswith("Finished")]
+    assert texts["sample"] == [(8, ends[0]), (12, ends[1])]
+    assert all("|" in sample for sample in ends)
 
 
 def test_without_tensorboardx_metrics_jsonl_is_still_written(tmp_path, monkeypatch):

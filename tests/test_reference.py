@@ -310,6 +310,42 @@ def test_sampled_frequencies_follow_the_tempered_softmax(temperature, top_k):
     np.testing.assert_array_less(np.abs(counts - draws * p), 5 * np.sqrt(draws * p * (1 - p)) + 1)
 
 
+# The nucleus of each case, worked out by hand from LOGITS: the softmax of LOGITS / temperature
+# (after top-k) sorted, summed until it reaches top_p. Untempered, T=2 and T=.5 would keep 4.
+#   T=1: p = .561 .206 .125 .076 .028 .004; cumulative .561 .767 .892 .968 .996 1.
+#   T=2: p = .363 .220 .172 .134 .081 .030; cumulative .363 .584 .755 .889 .970 1.
+#   T=1, top 3 renormalised: p = .629 .231 .140; cumulative .629 .860 1.
+NUCLEI = [
+    (1.0, 0, 0.8, [0, 1, 2]),  # .767 < .8 <= .892
+    (1.0, 0, 0.5, [0]),  # The most likely alone already reaches .5.
+    (2.0, 0, 0.9, [0, 1, 2, 3, 4]),  # .889 < .9: all but the least likely.
+    (1.0, 3, 0.8, [0, 1]),  # Within the top 3: .629 < .8 <= .860 (over all six: 3 kept).
+    (0.5, 0, 0.9, [0, 1]),  # T=.5: p = .829 .112 .041 ...; .829 < .9 <= .941.
+]
+
+
+@pytest.mark.parametrize("temperature, top_k, top_p, nucleus", NUCLEI)
+def test_top_p_frequencies_follow_the_nucleus_computed_by_hand(temperature, top_k, top_p, nucleus):
+    model, params = _constant_logits_model()
+    n = 256
+    tokens = generate(
+        model,
+        params,
+        jnp.zeros((n, 2), jnp.int32),
+        jax.random.key(1),
+        temperature,
+        length=100,
+        top_k=top_k,
+        top_p=top_p,
+    )
+    counts = np.bincount(np.asarray(tokens).ravel(), minlength=len(LOGITS))
+    p = np.zeros(len(LOGITS))
+    p[nucleus] = np.exp(LOGITS[nucleus].astype(np.float64) / temperature)
+    p /= p.sum()  # Renormalised over the nucleus; every other character has probability 0.
+    draws = counts.sum()
+    np.testing.assert_array_less(np.abs(counts - draws * p), 5 * np.sqrt(draws * p * (1 - p)) + 1)
+
+
 def test_temperature_zero_always_takes_the_argmax():
     model, params = _constant_logits_model()
     tokens = generate(

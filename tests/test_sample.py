@@ -8,7 +8,15 @@ from builders import make_model
 
 from lstm_jax.data import Vocab
 from lstm_jax.errors import UsageError, UserError
-from lstm_jax.generate import _next_token, check_sampling_args, encode_prompt, generate, sample_text
+from lstm_jax.generate import (
+    _next_token,
+    check_sampling_args,
+    encode_prompt,
+    generate,
+    sample_text,
+    stream_text,
+    stream_tokens,
+)
 from lstm_jax.models import init_params
 
 VOCAB = Vocab(" .abcdefghij")
@@ -99,3 +107,64 @@ def test_prompt_with_unknown_characters_is_an_error_or_skipped():
 def test_impossible_sampling_arguments_are_refused(length, temperature, top_k, message):
     with pytest.raises(UsageError, match=message):
         check_sampling_args(length, temperature, top_k, VOCAB.size)
+
+
+def test_top_p_1_is_no_top_p_and_below_1_changes_the_draws(model_and_params):
+    model, params = model_and_params
+    prompt = jnp.asarray(np.tile(VOCAB.encode("a.b c"), (8, 1)))
+    key = jax.random.key(2)
+    for temperature, top_k in [(0.5, 0), (1.0, 0), (1.0, 3)]:
+        plain = generate(model, params, prompt, key, temperature, length=40, top_k=top_k)
+        same = generate(model, params, prompt, key, temperature, length=40, top_k=top_k, top_p=1.0)
+        np.testing.assert_array_equal(same, plain)
+        nucleus = generate(
+            model, params, prompt, key, temperature, length=40, top_k=top_k, top_p=0.5
+        )
+        assert not np.array_equal(nucleus, plain)
+
+
+@pytest.mark.parametrize("top_p", [0.0, -0.1, 1.01, float("nan")])
+def test_top_p_outside_0_1_is_refused(top_p):
+    with pytest.raises(UsageError, match=r"--top_p must be in \(0, 1\]"):
+        check_sampling_args(5, 1.0, 0, VOCAB.size, top_p)
+
+
+@pytest.mark.parametrize("temperature, top_k, top_p", [(1.0, 0, 1.0), (0.0, 0, 1.0), (0.8, 4, 0.7)])
+def test_streamed_chunks_join_into_the_unstreamed_tokens_and_text(
+    model_and_params, temperature, top_k, top_p
+):
+    model, params = model_and_params
+    prompt = jnp.asarray(np.tile(VOCAB.encode("a.b c"), (3, 1)))
+    key = jax.random.key(5)
+    whole = generate(model, params, prompt, key, temperature, length=50, top_k=top_k, top_p=top_p)
+    options = dict(length=50, temperature=temperature, top_k=top_k, top_p=top_p)
+    texts = sample_text(model, params, VOCAB, "a.b c", num_samples=3, seed=5, **options)
+    for chunk in (1, 7, 16, 50, 256):  # Uneven, even, whole and more than the length.
+        pieces = list(stream_tokens(model, params, prompt, key, chunk=chunk, **options))
+        assert max(p.shape[1] for p in pieces) <= chunk
+        np.testing.assert_array_equal(np.concatenate(pieces, axis=1), whole)
+        streamed = stream_text(model, params, VOCAB, "a.b c", num_samples=3, seed=5, chunk=chunk,
+                               **options)  # fmt: skip
+        assert ["".join(row) for row in zip(*streamed, strict=True)] == texts
+
+
+def test_stop_ends_each_sample_at_its_first_occurrence(model_and_params):
+    model, params = model_and_params
+    options = dict(length=80, temperature=1.0, num_samples=4, seed=3)
+    texts = sample_text(model, params, VOCAB, "a.b c", **options)
+    # Two characters that occur twice or more in the first sample, first after its 10th.
+    stop = next(
+        texts[0][i : i + 2] for i in range(10, 78)
+        if texts[0].count(texts[0][i : i + 2]) > 1 and texts[0][i : i + 2] not in texts[0][: i + 1]
+    )  # fmt: skip
+    want = [t[: t.index(stop) + len(stop)] if stop in t else t for t in texts]
+    assert len(want[0]) < 80
+    assert sample_text(model, params, VOCAB, "a.b c", stop=stop, **options) == want
+    for chunk in (1, 3, 64, 256):  # A stop split over two chunks; both in one chunk.
+        pieces = list(stream_text(model, params, VOCAB, "a.b c", stop=stop, chunk=chunk, **options))
+        assert ["".join(row) for row in zip(*pieces, strict=True)] == want
+    # Generation ends with the chunk that holds the stop: no chunk is drawn after it.
+    one = options | {"num_samples": 1}
+    pieces = list(stream_text(model, params, VOCAB, "a.b c", stop=stop, chunk=4, **one))
+    assert "".join(p[0] for p in pieces) == want[0]
+    assert len(pieces) == -(-len(want[0]) // 4)

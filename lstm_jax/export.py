@@ -1,0 +1,112 @@
+"""Export a checkpoint's model as plain files: `python -m lstm_jax.export`.
+
+    python -m lstm_jax.export --workdir=runs/dracula_2x512 --out=exported/dracula_2x512
+
+writes into --out, readable without Orbax or JAX:
+
+    model.safetensors  the parameters, float32, one tensor per leaf named by its path in the
+                       Flax tree: `embed/embedding`, `lstm_0/hi/kernel`, ..., `logits/bias`
+    config.json        the model settings (`ModelConfig`'s fields) plus `vocab_size`:
+                       `models.model_from_settings(config, config["vocab_size"])` rebuilds it
+    vocab.json         the vocabulary as one JSON string; a character's id is its index
+
+Needs the `safetensors` package: pip install -e '.[export]'.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from lstm_jax import cli
+from lstm_jax.config import setting
+from lstm_jax.errors import UsageError, UserError
+
+FILES = ("model.safetensors", "config.json", "vocab.json")
+
+
+@dataclasses.dataclass(frozen=True)
+class ExportOptions:
+    """export: which checkpoint, and where its files go"""
+
+    workdir: str = setting("runs/default", "Run folder of the model to export.")
+    checkpoint: str = setting("best", "Checkpoint to export: latest, best or a step number.")
+    out: str = setting("", "Folder to write model.safetensors, config.json and vocab.json to.")
+    overwrite: bool = setting(False, "Write into --out even if it is not empty.")
+
+
+def safetensors_numpy() -> Any:
+    """`safetensors.numpy`, or a `UserError` saying how to install it."""
+    try:
+        import safetensors.numpy
+    except ImportError:
+        raise UserError(
+            "Export writes safetensors files and needs the safetensors package: "
+            "pip install safetensors (or pip install -e '.[export]')."
+        ) from None
+    return safetensors.numpy
+
+
+def check_out(out: str, overwrite: bool) -> Path:
+    """The output folder, refused when not given, not a folder, or not empty (without
+    --overwrite). Nothing is created here."""
+    if not out:
+        raise UsageError("--out is required: the folder to write the exported model to.")
+    if "://" in out:
+        raise UsageError(f"--out={out}: export writes to a local folder only.")
+    path = Path(out).expanduser()
+    if path.exists() and not path.is_dir():
+        raise UserError(f"--out={path} is a file, not a folder.")
+    if path.is_dir() and any(path.iterdir()) and not overwrite:
+        raise UserError(f"--out={path} is not empty; choose a new folder or pass --overwrite.")
+    return path
+
+
+def flat_params(params: Any) -> dict[str, np.ndarray]:
+    """{"lstm_0/hi/kernel": array, ...}: every parameter under its path in the tree."""
+    import jax
+
+    flat = {}
+    for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
+        name = "/".join(str(getattr(key, "key", key)) for key in path)
+        flat[name] = np.ascontiguousarray(np.asarray(leaf))
+    return flat
+
+
+def write_export(out: Path, params: Any, vocab_chars: str, settings: dict, metadata: dict) -> None:
+    """The three files into `out` (created if needed)."""
+    save_file = safetensors_numpy().save_file
+    out.mkdir(parents=True, exist_ok=True)
+    metadata = {key: str(value) for key, value in metadata.items()}
+    save_file(flat_params(params), str(out / "model.safetensors"), metadata=metadata)
+    config = {**settings, "vocab_size": len(vocab_chars)}
+    (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    (out / "vocab.json").write_text(json.dumps(vocab_chars) + "\n")
+
+
+def main(argv: list[str]) -> None:
+    with cli.user_errors():
+        cli.refuse_positional_arguments(argv)
+        options = cli.read_flags(ExportOptions)
+        safetensors_numpy()  # Before loading anything, so a missing package is said first.
+        out = check_out(options.out, options.overwrite)
+        from lstm_jax.api import restore
+
+        model, params, vocab, step, meta = restore(options.workdir, options.checkpoint)
+        provenance = {"format": "lstm_jax", "workdir": options.workdir, "step": step}
+        provenance["val_bpc"] = meta.get("val_bpc", float("nan"))
+        write_export(out, params, vocab.chars, dataclasses.asdict(model.config), provenance)
+        count = sum(int(np.size(x)) for x in flat_params(params).values())
+        print(
+            f"Wrote {', '.join(FILES)} to {out} (step {step}, {count:,} parameters).",
+            file=sys.stderr,
+        )
+
+
+if __name__ == "__main__":
+    cli.run(main, [ExportOptions])

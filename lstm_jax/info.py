@@ -1,0 +1,119 @@
+"""Describe a run folder: its checkpoints and its model. `python -m lstm_jax.info WORKDIR`.
+
+    python -m lstm_jax.info runs/default
+    python -m lstm_jax.info --workdir=runs/default
+
+Prints one line per checkpoint (step, validation and test bits per character where recorded,
+wall-clock time; * marks the best), then the model settings, the vocabulary size and the
+parameter count. All of it comes from the checkpoints' metadata and the model's shapes: no
+parameters are read, so it is quick on any run and never changes the folder.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+from typing import Any
+
+from lstm_jax import cli
+from lstm_jax.config import setting
+from lstm_jax.errors import UsageError, UserError
+
+
+@dataclasses.dataclass(frozen=True)
+class InfoOptions:
+    """info: the run folder to describe"""
+
+    workdir: str = setting(
+        "", "Run folder to describe; or give it as the one argument: python -m lstm_jax.info DIR."
+    )
+
+
+def main(argv: list[str]) -> None:
+    with cli.user_errors():
+        print(describe(_workdir(argv[1:], cli.read_flags(InfoOptions).workdir)))
+
+
+def _workdir(arguments: list[str], flag: str) -> str:
+    if len(arguments) + bool(flag) > 1:
+        raise UsageError(
+            f"Give one run folder, got {' '.join(arguments + ([flag] if flag else []))}: "
+            "python -m lstm_jax.info WORKDIR."
+        )
+    if not arguments and not flag:
+        raise UsageError("Give the run folder to describe: python -m lstm_jax.info WORKDIR.")
+    return arguments[0] if arguments else flag
+
+
+def describe(workdir: str) -> str:
+    """The checkpoint table and the model of the run in `workdir`, as printed."""
+    from lstm_jax.checkpoint import Checkpoints, workdir_path
+
+    if not workdir_path(workdir).is_dir():
+        raise UserError(
+            f"{workdir} does not exist; give a run folder (the --workdir of python -m "
+            "lstm_jax.main)."
+        )
+    checkpoints = Checkpoints(workdir, read_only=True)
+    try:
+        steps = checkpoints.steps()
+        if not steps:
+            raise UserError(
+                f"No checkpoint in {checkpoints.directory}; train first with python -m "
+                f"lstm_jax.main --workdir={workdir}."
+            )
+        best = checkpoints.best_step()
+        lines = [f"{checkpoints.directory}: {len(steps)} checkpoint(s), * is the best"]
+        lines.append(f"  {'step':>8}  {'val bpc':>8}  {'test bpc':>8}  {'wall time':>10}")
+        metas = {}
+        for step in steps:
+            try:
+                metas[step] = checkpoints.read_meta(step)
+            except Exception as e:  # noqa: BLE001 - a damaged one is listed, not fatal.
+                lines.append(f"  {step:>8}  unreadable ({type(e).__name__})")
+                continue
+            lines.append(_row(step, metas[step], best=step == best))
+    finally:
+        checkpoints.close()
+    if not metas:
+        raise UserError(f"No checkpoint in {checkpoints.directory} can be read.")
+    return "\n".join(lines + _model_lines(metas[max(metas)]))
+
+
+def _row(step: int, meta: dict[str, Any], *, best: bool) -> str:
+    def bpc(key: str) -> str:
+        value = meta.get(key)
+        return "-" if value is None or not math.isfinite(value) else f"{value:.4f}"
+
+    seconds = int(meta.get("wall_seconds", 0))
+    wall = f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
+    return (
+        f"{'*' if best else ' '} {step:>8}  {bpc('val_bpc'):>8}  {bpc('test_bpc'):>8}  {wall:>10}"
+    )
+
+
+def _model_lines(meta: dict[str, Any]) -> list[str]:
+    """The model settings, vocabulary and parameter count of a checkpoint's metadata."""
+    import jax
+
+    from lstm_jax.config import model_config_from_settings
+    from lstm_jax.metrics import flag_lines
+    from lstm_jax.models import CharLSTM, count_params, init_params
+
+    model_config = model_config_from_settings(meta["settings"])
+    model = CharLSTM(model_config, len(meta["vocab"]))
+    shapes = jax.eval_shape(functools.partial(init_params, model), jax.random.key(0))
+    lines = [
+        f"model: {' '.join(flag_lines(model_config).splitlines())}",
+        f"vocabulary: {len(meta['vocab'])} characters",
+        f"parameters: {count_params(shapes):,}",
+    ]
+    started_from = meta.get("config", {}).get("init", {}).get("init_from")
+    if started_from:
+        lines.append(f"fine-tuned from: {started_from}")
+    return lines
+
+
+if __name__ == "__main__":
+    cli.run(main, [InfoOptions])

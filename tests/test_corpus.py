@@ -1,0 +1,286 @@
+"""Your own text, and an offline first run: the bundled Dracula, files, folders and globs, the
+split of several documents, the vectorised encoder, and the command line on each new input."""
+
+from __future__ import annotations
+
+import fnmatch
+import hashlib
+import re
+import socket
+import tomllib
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pytest
+from subprocesses import ROOT, run_module
+
+from lstm_jax import books, corpus, data
+from lstm_jax.config import DataConfig
+from lstm_jax.data import Vocab, load_corpus, load_documents, load_split, split
+from lstm_jax.errors import UserError
+
+# The body of Project Gutenberg #345 between its START and END lines, as strip_gutenberg cuts it.
+DRACULA_SHA256 = "2635b9382f91c01395b822cce6ba622389b2882855c6029f9cb4eb19b5a421db"
+DRACULA_CHARS = 845_922
+BUNDLED = Path(books.__file__).with_name(books.DRACULA_FILE)
+
+
+# --- The bundled book -------------------------------------------------------------------------
+
+
+def test_the_bundled_dracula_is_the_checked_body():
+    assert 200_000 < BUNDLED.stat().st_size < 350_000  # xz-compressed, about 270 kB.
+    body = books.dracula()
+    assert hashlib.sha256(body.encode("utf-8")).hexdigest() == DRACULA_SHA256
+    assert books.DRACULA_SHA256 == DRACULA_SHA256
+    assert len(body) == DRACULA_CHARS and len(set(body)) == 96
+    assert body.lstrip().startswith("DRACULA") and "Gutenberg" not in body
+    assert body.endswith("\n") and not body.endswith("\n\n")
+
+
+def test_the_bundled_body_is_what_the_gutenberg_file_trains_on(gutenberg_dracula_path):
+    raw = gutenberg_dracula_path.read_text(encoding="utf-8")
+    assert "*** START OF THE PROJECT GUTENBERG EBOOK" in raw  # The raw file, licence and all.
+    assert load_corpus(DataConfig(data_path=str(gutenberg_dracula_path)))[0] == books.dracula()
+
+
+def test_a_damaged_bundled_book_is_a_one_line_user_error(monkeypatch):
+    monkeypatch.setattr(books, "DRACULA_SHA256", "0" * 64)
+    with pytest.raises(UserError, match="damaged") as info:
+        load_corpus(DataConfig())
+    assert "\n" not in str(info.value) and "--data_path" in str(info.value)
+    monkeypatch.setattr(books, "DRACULA_FILE", "missing.txt.xz")
+    with pytest.raises(UserError, match="cannot be read"):
+        books.dracula()
+
+
+def test_a_corrupt_bundled_file_is_a_user_error(monkeypatch, tmp_path):
+    broken = bytearray(BUNDLED.read_bytes())
+    broken[len(broken) // 2] ^= 0xFF
+    (tmp_path / books.DRACULA_FILE).write_bytes(bytes(broken))
+    monkeypatch.setattr(books.importlib.resources, "files", lambda _: tmp_path)
+    with pytest.raises(UserError, match="cannot be read"):
+        books.dracula()
+
+
+def test_no_path_trains_on_the_bundled_book_with_no_network(monkeypatch, tmp_path):
+    def offline(*args, **kwargs):
+        raise AssertionError("the default corpus touched the network")
+
+    monkeypatch.setattr(urllib.request, "urlopen", offline)
+    monkeypatch.setattr(socket.socket, "connect", offline)
+    monkeypatch.setattr(socket, "create_connection", offline)
+    config = DataConfig(data_dir=str(tmp_path / "cache"))
+    body, note = load_corpus(config)
+    assert body == books.dracula()
+    assert (
+        note
+        == f"Dracula (Project Gutenberg #345, bundled with lstm_jax): {DRACULA_CHARS:,} characters"
+    )
+    assert not (tmp_path / "cache").exists()
+    vocab, train_ids, val_ids, _ = load_split(config)
+    assert len(train_ids) == 761_330 and len(val_ids) == 84_592  # As every earlier run had.
+
+
+def test_every_wheel_ships_the_bundled_book():
+    # Without package data, setuptools leaves the .xz out of a (non-editable) wheel.
+    settings = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
+    patterns = settings["package-data"]["lstm_jax.books"]
+    assert any(fnmatch.fnmatch(books.DRACULA_FILE, p) for p in patterns)
+
+
+# --- Files, folders and globs -----------------------------------------------------------------
+
+
+def _files(folder: Path, texts: dict[str, str | bytes]) -> Path:
+    for name, text in texts.items():
+        path = folder / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(text if isinstance(text, bytes) else text.encode())
+    return folder
+
+
+def test_a_folder_gives_its_txt_files_sorted_and_nothing_else(tmp_path):
+    folder = _files(tmp_path / "texts", {"b.txt": "B", "a.txt": "A", "c.md": "C", "sub/d.txt": "D"})
+    assert corpus.find_files(str(folder)) == [folder / "a.txt", folder / "b.txt"]
+    assert corpus.find_files(str(folder / "b.txt")) == [folder / "b.txt"]
+
+
+def test_a_glob_gives_its_files_sorted_recursively(tmp_path):
+    folder = _files(tmp_path, {"x/b.txt": "B", "x/a.txt": "A", "x/sub/c.txt": "C", "y.txt": "Y"})
+    assert corpus.find_files(f"{tmp_path}/x/**/*.txt") == [
+        folder / "x/a.txt",
+        folder / "x/b.txt",
+        folder / "x/sub/c.txt",
+    ]
+    odd = _files(tmp_path, {"book [1].txt": "odd"}) / "book [1].txt"  # A real name, not a glob.
+    assert corpus.find_files(str(odd)) == [odd]
+
+
+@pytest.mark.parametrize(
+    "where, phrase",
+    [
+        ("missing/", "does not exist; give a text file, a folder of .txt files or a glob"),
+        ("empty", "is a folder with no .txt files"),
+        ("texts/*.md", "matches no file"),
+    ],
+)
+def test_a_path_that_names_no_text_is_a_user_error(tmp_path, where, phrase):
+    _files(tmp_path, {"texts/a.txt": "A"})
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(UserError, match=re.escape(phrase)) as info:
+        load_corpus(DataConfig(data_path=f"{tmp_path}/{where}"))
+    assert "\n" not in str(info.value)
+
+
+def test_documents_are_stripped_joined_and_counted_file_by_file(tmp_path):
+    book = "Header\n*** START OF THE PROJECT GUTENBERG EBOOK X ***\nThe body.\n*** END OF THE "
+    folder = _files(
+        tmp_path, {"1.txt": "First file.\n", "2.txt": book + "PROJECT GUTENBERG EBOOK X ***\n"}
+    )
+    documents, note = load_documents(DataConfig(data_path=str(folder), lowercase=True))
+    assert documents == ["first file.\n", "the body.\n"]
+    assert load_corpus(DataConfig(data_path=str(folder)))[0] == "First file.\n\n\nThe body.\n"
+    assert f"2 files joined by two newlines, {12 + 2 + 10} characters" in note
+    assert f"{folder / '1.txt'}: 12; {folder / '2.txt'}: 10" in note
+    assert "cut from 1" in note
+
+
+def test_the_note_names_the_first_files_and_counts_the_rest(tmp_path):
+    folder = _files(tmp_path, {f"{i:02}.txt": "x" * i for i in range(1, 26)})
+    _, note = load_documents(DataConfig(data_path=str(folder)))
+    assert f"{folder / '20.txt'}: 20; and 5 more" in note and "21.txt" not in note
+
+
+def test_an_encoding_error_names_the_file_and_the_offset(tmp_path):
+    folder = _files(tmp_path, {"a.txt": "Fine.\n", "b.txt": "caf\u00e9".encode("latin-1")})
+    with pytest.raises(UserError) as info:
+        load_corpus(DataConfig(data_path=str(folder)))
+    assert str(folder / "b.txt") in str(info.value) and "offset 3" in str(info.value)
+
+
+# --- The split of several documents -----------------------------------------------------------
+
+
+def test_each_document_gives_its_own_last_fraction_to_validation(tmp_path):
+    first, second = "abcdefghij" * 10, "ABCDEFGHIJ" * 30  # 100 and 300 characters.
+    folder = _files(tmp_path, {"1.txt": first, "2.txt": second})
+    vocab, train_ids, val_ids, _ = load_split(DataConfig(data_path=str(folder), val_fraction=0.1))
+    assert vocab == Vocab.from_text(first + "\n\n" + second)
+    assert vocab.decode(train_ids) == first[:90] + "\n\n" + second[:270]
+    assert vocab.decode(val_ids) == first[90:] + "\n\n" + second[270:]
+
+
+def test_one_document_splits_exactly_as_before(small_text, small_text_path):
+    vocab, train_ids, val_ids, _ = load_split(DataConfig(data_path=str(small_text_path)))
+    assert vocab == Vocab.from_text(small_text)
+    before = split(vocab.encode(small_text), 0.1)
+    np.testing.assert_array_equal(train_ids, before[0])
+    np.testing.assert_array_equal(val_ids, before[1])
+
+
+def test_documents_too_short_to_give_validation_give_none():
+    sep = np.array([-1])
+    train, val = data.split_documents([np.arange(3), np.arange(10, 40)], 0.1, sep)
+    np.testing.assert_array_equal(train, [0, 1, 2, -1, *range(10, 37)])
+    np.testing.assert_array_equal(val, [37, 38, 39])  # The first gave nothing: no separator.
+
+
+# --- Encoding ---------------------------------------------------------------------------------
+
+
+def _encode_by_dict(vocab: Vocab, text: str) -> np.ndarray:
+    index = {c: i for i, c in enumerate(vocab.chars)}
+    return np.array([index[c] for c in text], np.int32)
+
+
+def test_encode_matches_a_lookup_per_character(monkeypatch):
+    rng = np.random.default_rng(0)
+    alphabet = list("ab\n \t\u00e9\u00df\u5b57\u2603") + ["\U0001f600", "\x00", "\ud800"]
+    text = "".join(rng.choice(alphabet, 5000))
+    vocab = Vocab.from_text(text)
+    monkeypatch.setattr(data, "_ENCODE_CHUNK", 333)  # Chunks that cut the text unevenly.
+    ids = vocab.encode(text)
+    assert ids.dtype == np.int32 and ids.shape == (len(text),)
+    np.testing.assert_array_equal(ids, _encode_by_dict(vocab, text))
+    unsorted = Vocab("zyx\u5b57a")
+    np.testing.assert_array_equal(unsorted.encode("a\u5b57xz"), [4, 3, 2, 0])
+    assert vocab.encode("").shape == (0,)
+
+
+@pytest.mark.parametrize("text", ["abq", "q", "ab\U0001f601", "ab\u00e0"])
+def test_encode_refuses_a_character_outside_the_vocabulary(text):
+    with pytest.raises(KeyError):
+        Vocab("abc\u00e9").encode(text)
+
+
+class _NoCharacterLoop(str):
+    """A text that refuses to be read one character at a time from Python."""
+
+    def __iter__(self):
+        raise AssertionError("encode loops over the text in Python")
+
+    def __getitem__(self, key):
+        if not isinstance(key, slice):
+            raise AssertionError("encode reads the text one character at a time")
+        return str.__getitem__(self, key)
+
+
+def test_encode_is_not_a_python_loop_per_character(monkeypatch):
+    text = "It was a dark night, said the Count.\n" * 1000
+    vocab = Vocab.from_text(text)
+    monkeypatch.setattr(data, "_ENCODE_CHUNK", 10_000)
+    np.testing.assert_array_equal(vocab.encode(_NoCharacterLoop(text)), vocab.encode(text))
+
+
+# --- The command line on each new input --------------------------------------------------------
+
+
+def _main(text_path: str, workdir: Path, *extra: str):
+    return run_module(
+        "lstm_jax.main",
+        f"--data_path={text_path}",
+        f"--workdir={workdir}",
+        "--embed_dim=8", "--hidden=16", "--seq_len=16", "--global_batch=8", "--num_steps=4",
+        "--warmup_steps=1", "--log_every=1000", "--eval_every=1000", "--checkpoint_every=1000",
+        "--length=10",
+        *extra,
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "where, phrase",
+    [
+        ("missing_folder/", "does not exist; give a text file, a folder of .txt files or a glob"),
+        ("empty_folder", "is a folder with no .txt files; add some"),
+        ("notes/*.txt", "matches no file; fix the pattern"),
+    ],
+    ids=["missing folder", "empty folder", "glob matching nothing"],
+)
+def test_a_bad_data_path_is_one_error_line_and_writes_nothing(tmp_path, where, phrase):
+    (tmp_path / "empty_folder").mkdir()
+    (tmp_path / "notes").mkdir()
+    result = _main(f"{tmp_path}/{where}", tmp_path / "run")
+    assert result.returncode == 1, result.stderr[-2000:]
+    assert "Traceback" not in result.stderr
+    errors = [line for line in result.stderr.splitlines() if line.startswith(("error", "FATAL"))]
+    assert len(errors) == 1 and errors[0].startswith("error: --data_path=") and phrase in errors[0]
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_folder_of_two_files_trains_end_to_end_with_counts_per_file(tmp_path, small_text):
+    half = len(small_text) // 2
+    folder = _files(
+        tmp_path / "texts", {"one.txt": small_text[:half], "two.txt": small_text[half:]}
+    )
+    result = _main(str(folder), tmp_path / "run")
+    assert result.returncode == 0, result.stderr[-3000:]
+    one, two = len(small_text[:half]), len(small_text[half:])
+    assert (
+        f"2 files joined by two newlines, {one + 2 + two:,} characters ({folder / 'one.txt'}: "
+        f"{one:,}; {folder / 'two.txt'}: {two:,};"
+    ) in result.stderr
+    val = round(one * 0.1) + 2 + round(two * 0.1)
+    assert f"validation {val:,} characters" in result.stderr
+    assert "Finished 4 steps; sample:" in result.stderr
