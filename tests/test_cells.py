@@ -24,7 +24,7 @@ from lstm_jax.generate import sample_text
 from lstm_jax.models import build_model, init_params, model_from_settings
 from lstm_jax.train import train_and_evaluate
 
-README = Path(__file__).resolve().parents[1] / "README.md"
+README = Path(__file__).resolve().parents[1] / "docs" / "extending.md"
 pytestmark = pytest.mark.usefixtures("fast_compile")  # conftest.py
 
 

@@ -31,7 +31,7 @@ from lstm_jax.models import init_params
 from lstm_jax.sample import print_as_generated
 from lstm_jax.train import train_and_evaluate
 
-README = ROOT / "README.md"
+README = ROOT / "docs" / "workflows.md"
 STEPS = 30
 
 
