@@ -8,7 +8,7 @@ without donation, alternating the two so that drifting machine speed hits both a
     python experiments/perf/donate_state.py --hidden=256 --num_layers=1
     python experiments/perf/donate_state.py --hidden=512 --num_layers=2
 
-Results are in README.md, "Performance".
+Results are in docs/performance.md.
 """
 
 from __future__ import annotations

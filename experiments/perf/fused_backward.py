@@ -14,7 +14,7 @@ checking all three give the same gradients:
     python experiments/perf/fused_backward.py --hidden=256
     python experiments/perf/fused_backward.py --hidden=512
 
-Results are in README.md, "Performance".
+Results are in docs/performance.md.
 """
 
 from __future__ import annotations

@@ -11,7 +11,7 @@ the ceiling it reaches does not depend on how fast the machine is that minute.
 
     python experiments/perf/generate_bandwidth.py
 
-Results are in README.md, "Performance".
+Results are in docs/performance.md.
 """
 
 from __future__ import annotations

@@ -8,7 +8,7 @@ matrix-vector products are.
 
     python experiments/perf/generate_floor.py
 
-Results are in README.md, "Performance".
+Results are in docs/performance.md.
 """
 
 from __future__ import annotations

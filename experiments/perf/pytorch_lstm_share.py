@@ -9,7 +9,7 @@ the forward and backward of its `nn.LSTM` alone on the same shapes.
     python experiments/perf/pytorch_lstm_share.py --hidden=512 --num_layers=2
     python experiments/perf/pytorch_lstm_share.py --hidden=256 --num_layers=1
 
-Results are in README.md, "Performance".
+Results are in docs/performance.md.
 """
 
 from __future__ import annotations

@@ -8,7 +8,7 @@ every backend reports) and times the two steps alternately. The losses must agre
     python experiments/perf/remat.py --hidden=512 --num_layers=2 --seq_len=100
     python experiments/perf/remat.py --hidden=512 --num_layers=2 --seq_len=500
 
-Results are in README.md, "Performance".
+Results are in docs/performance.md.
 """
 
 from __future__ import annotations

@@ -20,7 +20,7 @@ the step time the goal needs next to the floor.
     python experiments/perf/step_floor.py --hidden=256 --num_layers=1 --goal=1.2
     python experiments/perf/step_floor.py --hidden=512 --num_layers=2 --goal=1.1
 
-Results are in README.md, "Performance".
+Results are in docs/performance.md.
 """
 
 from __future__ import annotations
