@@ -23,33 +23,14 @@ import jax.numpy as jnp
 import numpy as np
 
 from lstm_jax import evaluate, steps
-from lstm_jax.checkpoint import Checkpoints, abstract_like
+from lstm_jax.checkpoint import restore_model as restore  # What sample and export load with.
 from lstm_jax.config import ModelConfig
 from lstm_jax.data import Vocab
 from lstm_jax.errors import UserError
 from lstm_jax.generate import check_sampling_args, sample_text, stream_text
-from lstm_jax.models import CharLSTM, init_params, model_from_settings
+from lstm_jax.models import CharLSTM
 
 SCORE_CHUNK = 256  # Characters per evaluation step when scoring (one compile for any length).
-
-
-def restore(
-    workdir: str | os.PathLike, checkpoint: str = "best"
-) -> tuple[CharLSTM, Any, Vocab, int, dict[str, Any]]:
-    """(model, parameters on the first local device, vocabulary, step, meta) of a checkpoint:
-    'best', 'latest' or a step number. A `UserError` says what is wrong or what exists."""
-    checkpoints = Checkpoints(workdir, read_only=True)
-    try:
-        step = checkpoints.resolve(str(checkpoint))
-        meta = checkpoints.read_meta(step)
-        vocab = Vocab(meta["vocab"])
-        model = model_from_settings(meta["settings"], vocab.size)
-        abstract = jax.eval_shape(functools.partial(init_params, model), jax.random.key(0))
-        sharding = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-        params = checkpoints.restore_params(step, abstract_like(abstract, sharding))
-    finally:
-        checkpoints.close()
-    return model, params, vocab, step, meta
 
 
 class TrainedModel:

@@ -20,6 +20,8 @@ Kept: the latest `keep` steps plus the best by validation loss.
 
 from __future__ import annotations
 
+import functools
+import json
 import os
 import time
 from pathlib import Path
@@ -34,7 +36,9 @@ from orbax.checkpoint import checkpoint_managers as policies
 
 from lstm_jax import distributed
 from lstm_jax.config import complete_settings
+from lstm_jax.data import Vocab
 from lstm_jax.errors import UserError
+from lstm_jax.models import CharLSTM, init_params, model_from_settings
 
 ITEMS = ("state", "carry", "meta")
 LEGACY_ITEMS = ("params", "opt_state")  # The state, as checkpoints before 2026-11 held it.
@@ -125,8 +129,15 @@ class Checkpoints:
     def _is_legacy(self, step: int) -> bool:
         return not (self.directory / str(step) / "state").exists()
 
-    def restore_params(self, step: int, abstract_params: Any) -> Any:
-        """Only the parameters, into the shapes and shardings of `abstract_params`."""
+    def _has_ema_field(self, step: int) -> bool:
+        """Whether the saved train state has the `ema_params` field (None or not): those saved
+        before it existed lack it."""
+        metadata = json.loads((self.directory / str(step) / "state" / "_METADATA").read_text())
+        return any(key.startswith("('ema_params'") for key in metadata["tree_metadata"])
+
+    def restore_params(self, step: int, abstract_params: Any, which: str = "params") -> Any:
+        """Only the parameters, into the shapes and shardings of `abstract_params`: the state's
+        `params`, or with which="ema_params" their moving average."""
         if self._is_legacy(step):
             restored = self._manager.restore(
                 step, args=ocp.args.Composite(params=ocp.args.StandardRestore(abstract_params))
@@ -138,12 +149,18 @@ class Checkpoints:
         restored = ocp.PyTreeCheckpointer().restore(
             (self.directory / str(step) / "state").as_posix(),
             args=ocp.args.PyTreeRestore(
-                item={"params": abstract_params},
-                restore_args={"params": restore_args},
+                item={which: abstract_params},
+                restore_args={which: restore_args},
                 partial_restore=True,
             ),
         )
-        return restored["params"]
+        return restored[which]
+
+    def restore_model_params(self, step: int, abstract_params: Any) -> tuple[Any, str]:
+        """The parameters that are the checkpoint's model: the raw ones, or their moving
+        average where that was better on validation (the metadata's "selected"); and which."""
+        which = self.read_meta(step).get("selected", "params")
+        return self.restore_params(step, abstract_params, which), which
 
     def restore(
         self, step: int, state: Any, sharding: jax.sharding.Sharding, abstract_carry: Any
@@ -152,14 +169,19 @@ class Checkpoints:
         values only fill what old checkpoints lack) and placed with `sharding`."""
         abstract = abstract_like(state, sharding)
         if not self._is_legacy(step):
+            before_ema = state.ema_params is None and not self._has_ema_field(step)
+            target = _fields_before_ema(abstract) if before_ema else abstract
             restored = self._manager.restore(
                 step,
                 args=ocp.args.Composite(
-                    state=ocp.args.StandardRestore(abstract),
+                    state=ocp.args.StandardRestore(target),
                     carry=ocp.args.StandardRestore(abstract_carry),
                 ),
             )
-            return restored["state"], restored["carry"]
+            saved_state = restored["state"]
+            if before_ema:
+                saved_state = abstract.replace(**saved_state)
+            return saved_state, restored["carry"]
         restored = self._manager.restore(
             step,
             args=ocp.args.Composite(
@@ -296,3 +318,30 @@ def _skip_unreadable(checkpoints: Checkpoints, step: int, error: Exception) -> N
         reason,
         aside,
     )
+
+
+def _fields_before_ema(state: Any) -> dict[str, Any]:
+    """The train state's fields as they were saved before `ema_params` existed."""
+    return {name: getattr(state, name) for name in ("step", "params", "opt_state", "dropout_key")}
+
+
+# --- Reading a model -------------------------------------------------------------------------
+
+
+def restore_model(
+    workdir: str | os.PathLike, checkpoint: str = "best"
+) -> tuple[CharLSTM, Any, Vocab, int, dict[str, Any]]:
+    """(model, parameters on the first local device, vocabulary, step, meta) of a checkpoint:
+    'best', 'latest' or a step number. A `UserError` says what is wrong or what exists."""
+    checkpoints = Checkpoints(workdir, read_only=True)
+    try:
+        step = checkpoints.resolve(str(checkpoint))
+        meta = checkpoints.read_meta(step)
+        vocab = Vocab(meta["vocab"])
+        model = model_from_settings(meta["settings"], vocab.size)
+        abstract = jax.eval_shape(functools.partial(init_params, model), jax.random.key(0))
+        sharding = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+        params, _ = checkpoints.restore_model_params(step, abstract_like(abstract, sharding))
+    finally:
+        checkpoints.close()
+    return model, params, vocab, step, meta

@@ -54,8 +54,15 @@ class DataConfig:
     encoding: str = setting("utf-8", "Text encoding of the input files.")
     lowercase: bool = setting(False, "Lower-case the text (smaller vocabulary).", must_match=True)
     val_fraction: float = setting(
+        0.05,
+        "Fraction held out for validation, just before the test part of every file: it picks "
+        "the best checkpoint (and every hyperparameter).",
+        must_match=True,
+    )
+    test_fraction: float = setting(
         0.1,
-        "Fraction held out for validation: the end of every file (each file gives its share).",
+        "Fraction held out for the test: the end of every file, scored once, with the best "
+        "checkpoint, at the end of a run (and by python -m lstm_jax.evaluate). 0: none.",
         must_match=True,
     )
     seq_len: int = setting(100, "Characters per training sequence (BPTT length).", must_match=True)
@@ -100,6 +107,14 @@ class ModelConfig:
         False,
         "Output layer = the embedding table transposed, plus a bias; needs embed_dim == hidden.",
     )
+    mogrifier_rounds: int = setting(
+        5, "--cell=mogrifier: rounds of mutual gating of the input and the state before each "
+        "step (0: a plain LSTM)."
+    )  # fmt: skip
+    mogrifier_rank: int = setting(
+        0, "--cell=mogrifier: rank of each round's gating matrix (a product of two thin ones); "
+        "0: full rank."
+    )  # fmt: skip
 
 
 @dataclasses.dataclass(frozen=True)
@@ -118,6 +133,20 @@ class RegularizationConfig:
         "One dropout mask per sequence, shared by all its characters (variational or "
         "'locked' dropout, as in AWD-LSTM), instead of a new mask for every character.",
     )
+    embed_dropout: float = setting(
+        0.0, "Drop whole characters: at each step every character's embedding row (its "
+        "one-hot input without an embedding) is zeroed with this probability, in all its "
+        "occurrences (AWD-LSTM's embedding dropout); in [0, 1)."
+    )  # fmt: skip
+    input_dropout: float = setting(
+        0.0, "Dropout on the first layer's input, the embedded characters (one mask per "
+        "sequence with --variational_dropout); in [0, 1)."
+    )  # fmt: skip
+    weight_drop: float = setting(
+        0.0, "DropConnect on the recurrent (hidden-to-hidden) kernels, one mask per step of "
+        "the optimizer shared by all time steps (AWD-LSTM's weight drop); in [0, 1). For the "
+        "cells with such kernels (all but minlstm)."
+    )  # fmt: skip
 
 
 @dataclasses.dataclass(frozen=True)
@@ -153,6 +182,11 @@ class OptimConfig:
     grad_clip: float = setting(5.0, "Clip gradients to this global norm; 0 turns clipping off.")
     num_steps: int = setting(0, "Training steps; 0: --num_epochs passes over the text.")
     num_epochs: float = setting(12.0, "Passes over the training text, used when --num_steps=0.")
+    ema_decay: float = setting(
+        0.0, "Keep an exponential moving average of the parameters with this decay (0.999, "
+        "say; warmed up as min(decay, (1 + step) / (10 + step))), evaluated beside them; the "
+        "better of the two on validation is the checkpoint's model. 0: off."
+    )  # fmt: skip
 
 
 @dataclasses.dataclass(frozen=True)
@@ -241,6 +275,7 @@ class Config:
             **dataclasses.asdict(self.model),
             "optimizer": self.optim.optimizer,
             "grad_clip_on": self.optim.grad_clip > 0,
+            "ema_on": self.optim.ema_decay > 0,
             **matched,
         }
 
@@ -264,7 +299,12 @@ def complete_settings(saved: dict[str, Any]) -> dict[str, Any]:
     Checkpoints from before `--cell` and the ablation flags are LSTMs without the ablations.
     """
     defaults = dataclasses.asdict(ModelConfig())
-    return {**defaults, **saved}
+    return {**defaults, **_SETTINGS_BEFORE_THEY_EXISTED, **saved}
+
+
+# Run settings added after checkpoints were first written, as those checkpoints behaved: before
+# --test_fraction, validation was the end of the text and there was no test part.
+_SETTINGS_BEFORE_THEY_EXISTED = {"test_fraction": 0.0, "ema_on": False}
 
 
 def model_config_from_settings(saved: dict[str, Any]) -> ModelConfig:
@@ -281,7 +321,8 @@ _POSITIVE = (
     "keep_checkpoints learning_rate"
 ).split()
 _NON_NEGATIVE = (
-    "embed_dim num_steps warmup_steps sample_every weight_decay grad_clip length temperature"
+    "embed_dim num_steps warmup_steps sample_every weight_decay grad_clip length temperature "
+    "mogrifier_rounds mogrifier_rank"
 ).split()
 
 
@@ -300,10 +341,22 @@ def _check_ranges(config: Config) -> None:
             raise UsageError(f"--{f.name} must be positive, got {value}.")
         if f.name in _NON_NEGATIVE and value < 0:
             raise UsageError(f"--{f.name} must be >= 0, got {value}.")
-    if not 0.0 <= config.regularization.dropout < 1.0:
-        raise UsageError(f"--dropout must be in [0, 1), got {config.regularization.dropout}.")
-    if not 0.0 < config.data.val_fraction < 1.0:
-        raise UsageError(f"--val_fraction must be in (0, 1), got {config.data.val_fraction}.")
+    for name in ("dropout", "embed_dropout", "input_dropout", "weight_drop"):
+        rate = getattr(config.regularization, name)
+        if not 0.0 <= rate < 1.0:
+            raise UsageError(f"--{name} must be in [0, 1), got {rate}.")
+    if not 0.0 <= config.optim.ema_decay < 1.0:
+        raise UsageError(f"--ema_decay must be in [0, 1) (0: off), got {config.optim.ema_decay}.")
+    data = config.data
+    if not 0.0 < data.val_fraction < 1.0:
+        raise UsageError(f"--val_fraction must be in (0, 1), got {data.val_fraction}.")
+    if not 0.0 <= data.test_fraction < 1.0:
+        raise UsageError(f"--test_fraction must be in [0, 1), got {data.test_fraction}.")
+    if data.val_fraction + data.test_fraction >= 1.0:
+        raise UsageError(
+            f"--val_fraction={data.val_fraction} and --test_fraction={data.test_fraction} "
+            "leave no training text; their sum must be below 1."
+        )
     if config.optim.num_steps == 0 and not config.optim.num_epochs > 0:
         raise UsageError("Set --num_steps or a positive --num_epochs.")
 
@@ -324,6 +377,12 @@ def _check_combinations(config: Config) -> None:
         raise UsageError(
             f"--dtype={compute.dtype} needs a cell with a compute dtype ({takes}); "
             f"--cell={model.cell} computes in float32 only."
+        )
+    if config.regularization.weight_drop and not CELLS[model.cell].recurrent_kernels:
+        droppable = ", ".join(name for name in CELLS if CELLS[name].recurrent_kernels)
+        raise UsageError(
+            f"--weight_drop drops recurrent kernels ({droppable}); --cell={model.cell} has "
+            "none. Drop --weight_drop."
         )
     if compute.remat and not cell_steps_in_scan(model.cell):
         steppers = ", ".join(name for name in CELLS if cell_steps_in_scan(name))

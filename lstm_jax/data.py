@@ -1,8 +1,9 @@
 """Text to ids to batches: vocabulary, split, batching. The text comes from `lstm_jax.corpus`.
 
-Several documents (the files of a folder or a glob) each give their own last `val_fraction` to
-validation (`split_documents`): validation then samples every document, not only the last in
-sorted order, and a single document splits exactly as before.
+The split is by position: the last `test_fraction` of the text is the test part, the
+`val_fraction` just before it validation, the rest training. Several documents (the files of a
+folder or a glob) each give their own shares (`split_documents`): validation and test then
+sample every document, not only the last in sorted order.
 
 Batches follow char-rnn: the training text is cut into `global_batch` contiguous streams, and
 step k takes the next `seq_len` (+1 target) characters of every stream, so the LSTM state can be
@@ -16,6 +17,7 @@ import dataclasses
 import json
 from collections.abc import Callable
 
+import jax
 import numpy as np
 
 from lstm_jax.config import DataConfig
@@ -27,19 +29,30 @@ from lstm_jax.corpus import (  # noqa: F401 - re-exported: data was their home b
     read_text,
     strip_gutenberg,
 )
-from lstm_jax.errors import UserError
+from lstm_jax.errors import UsageError, UserError
+
+
+@dataclasses.dataclass(frozen=True)
+class Split:
+    """A text's ids cut by position: training, then validation, then test (possibly empty)."""
+
+    train: np.ndarray
+    val: np.ndarray
+    test: np.ndarray
+
+    NAMES = ("train", "val", "test")
 
 
 def load_split(
     config: DataConfig, make_vocab: Callable[[str], Vocab] | None = None
-) -> tuple[Vocab, np.ndarray, np.ndarray, str]:
+) -> tuple[Vocab, Split, str]:
     """The vocabulary of the whole text (`make_vocab(text)`, by default its sorted characters;
-    fine-tuning passes its own), the training and validation ids, and the note."""
+    fine-tuning passes its own), the training / validation / test ids, and the note."""
     documents, note = load_documents(config)
     vocab = (make_vocab or Vocab.from_text)(SEPARATOR.join(documents))
     separator = vocab.encode(SEPARATOR) if len(documents) > 1 else None
     ids = [vocab.encode(document) for document in documents]
-    return vocab, *split_documents(ids, config.val_fraction, separator), note
+    return vocab, split_documents(ids, config.val_fraction, config.test_fraction, separator), note
 
 
 # --- Vocabulary ----------------------------------------------------------------------------
@@ -101,19 +114,26 @@ def _code_points(text: str) -> np.ndarray:
 # --- Split and batches ---------------------------------------------------------------------
 
 
-def split(ids: np.ndarray, val_fraction: float) -> tuple[np.ndarray, np.ndarray]:
-    """Split by position: the last `val_fraction` of the text is validation."""
+def split(ids: np.ndarray, val_fraction: float, test_fraction: float = 0.0) -> Split:
+    """Split by position: the last `test_fraction` of the text is the test part, the
+    `val_fraction` before it validation, the rest training (each share rounded to characters)."""
+    num_test = int(round(len(ids) * test_fraction))
     num_val = int(round(len(ids) * val_fraction))
-    return ids[: len(ids) - num_val], ids[len(ids) - num_val :]
+    val_start, test_start = len(ids) - num_test - num_val, len(ids) - num_test
+    return Split(ids[:val_start], ids[val_start:test_start], ids[test_start:])
 
 
 def split_documents(
-    documents: list[np.ndarray], val_fraction: float, separator: np.ndarray | None = None
-) -> tuple[np.ndarray, np.ndarray]:
-    """Split each document by position (its last `val_fraction` is validation) and join the
-    training parts, and the validation parts, with `separator` between them."""
-    parts = [split(ids, val_fraction) for ids in documents]
-    return _joined([t for t, _ in parts], separator), _joined([v for _, v in parts], separator)
+    documents: list[np.ndarray],
+    val_fraction: float,
+    test_fraction: float = 0.0,
+    separator: np.ndarray | None = None,
+) -> Split:
+    """Split each document by position (`split`) and join the training parts, the validation
+    parts and the test parts, with `separator` between the parts of each."""
+    parts = [split(ids, val_fraction, test_fraction) for ids in documents]
+    joined = [_joined([getattr(p, name) for p in parts], separator) for name in Split.NAMES]
+    return Split(*joined)
 
 
 def _joined(parts: list[np.ndarray], separator: np.ndarray | None) -> np.ndarray:
@@ -213,3 +233,37 @@ def eval_streams(val_ids: np.ndarray, num_streams: int, seq_len: int):
         return a.reshape(num_streams, num_chunks, seq_len).transpose(1, 0, 2)
 
     return chunked(inputs), chunked(targets), chunked(weights)
+
+
+# --- One run's data ------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class RunData:
+    """The text, cut for one training run and this process."""
+
+    vocab: Vocab
+    split: Split
+    batcher: Batcher
+    rows: slice  # This process's rows of every global batch.
+    eval_streams: tuple[np.ndarray, np.ndarray, np.ndarray]  # Validation, this process's rows.
+    note: str
+
+
+def load_run_data(
+    config: DataConfig, make_vocab: Callable[[str], Vocab] | None = None
+) -> RunData:
+    """The corpus, its vocabulary, the split, the batcher and this process's validation rows."""
+    vocab, split_ids, note = load_split(config, make_vocab)
+    batcher = Batcher(
+        split_ids.train, config.seq_len, config.global_batch, config.seed, config.carry_state
+    )
+    if len(split_ids.val) <= config.seq_len:
+        raise UsageError(
+            f"--seq_len={config.seq_len} is longer than the validation text "
+            f"({len(split_ids.val)} characters); lower --seq_len or raise --val_fraction."
+        )
+    process_rows = config.global_batch // jax.process_count()
+    rows = slice(jax.process_index() * process_rows, (jax.process_index() + 1) * process_rows)
+    streams = eval_streams(split_ids.val, config.global_batch, config.seq_len)
+    return RunData(vocab, split_ids, batcher, rows, tuple(a[:, rows] for a in streams), note)

@@ -1,4 +1,14 @@
-"""Scoring a text with a model: the mean loss over every character of a set of streams.
+"""Scoring a text with a model, and the command that scores a checkpoint:
+
+    python -m lstm_jax.evaluate --workdir=runs/dracula_2x512_best              # its test part
+    python -m lstm_jax.evaluate --workdir=W --split=val --dynamic --dynamic_lr=3e-5
+    python -m lstm_jax.evaluate --workdir=W --checkpoint=2400 --text=notes.txt --unknown=skip
+
+The command reads the whole text as `--streams` contiguous streams (default one: the text read
+once, left to right, the state carried through it) and ends with one line,
+`NAME: X.XXXX bpc (Y.YYYY nats/char, N characters)`. The run's own text (--split) is cut as
+training cut it, from the settings saved with the checkpoint; `--dynamic` adapts the weights
+as they read (`lstm_jax.dynamic`).
 
 `evaluate` takes the (mapped) evaluation step as an argument, so another kind of evaluation
 (dynamic evaluation, which adapts the weights as it reads) is another step function passed in
@@ -7,13 +17,25 @@ by the caller, not a change to the loop.
 
 from __future__ import annotations
 
+import dataclasses
+import functools
+import sys
+import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
-from lstm_jax.models import Carry
+from lstm_jax import cli, steps
+from lstm_jax.checkpoint import Checkpoints, abstract_like, restore_model
+from lstm_jax.config import DataConfig, from_dict, section, setting
+from lstm_jax.data import Batcher, Split, Vocab, eval_streams, load_split
+from lstm_jax.dynamic import DynamicConfig
+from lstm_jax.errors import UsageError, UserError
+from lstm_jax.models import Carry, CharLSTM
 
 Streams = tuple[np.ndarray, np.ndarray, np.ndarray]  # inputs, targets, weights: [chunks, rows, T]
 
@@ -41,3 +63,168 @@ def evaluate(
         sums.append(chunk_sums)
     sums = jax.device_get(sums)
     return sum(float(s["loss_sum"]) for s in sums) / sum(float(s["count"]) for s in sums)
+
+
+SCORE_CHUNK = 256  # Characters per evaluation step of one stream (one compile for any length).
+
+
+@functools.cache
+def _jitted_eval_step(apply_fn: Callable) -> Callable:
+    return jax.jit(functools.partial(steps.eval_step, apply_fn=apply_fn))
+
+
+def score_ids(
+    model: CharLSTM, params: Any, ids: np.ndarray, num_streams: int = 1, chunk: int = SCORE_CHUNK
+) -> float:
+    """Mean loss (nats per character) of every character of `ids` after the first, read as
+    `num_streams` contiguous streams from a zero state with the state carried through each:
+    one stream is the whole text read once, left to right. On one device."""
+    streams = eval_streams(ids, num_streams, chunk)
+    zero = jax.tree.map(jnp.asarray, model.initialize_carry(num_streams))
+    return evaluate(_jitted_eval_step(model.apply), params, streams, zero)
+
+
+def test_best_checkpoint(
+    checkpoints: Checkpoints, model: CharLSTM, params_like: Any, test_ids: np.ndarray
+) -> tuple[int, str, float] | None:
+    """(step, which parameters, test loss) of the best checkpoint's model over `test_ids`, read as
+    one stream; None without a checkpoint or a test text. `params_like`: any tree shaped like
+    the parameters."""
+    step = checkpoints.best_step()
+    if step is None or len(test_ids) < 2:
+        return None
+    local = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    params, which = checkpoints.restore_model_params(step, abstract_like(params_like, local))
+    return step, which, score_ids(model, params, test_ids)
+
+
+# --- The command -------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class EvaluateOptions:
+    """evaluation: which checkpoint, on which text, read how"""
+
+    workdir: str = setting("runs/default", "Run folder of the model to score.")
+    checkpoint: str = setting("best", "Checkpoint: latest, best or a step number.")
+    split: str = setting(
+        "test", "Part of the run's own text to score, cut as training cut it.",
+        choices=Split.NAMES,
+    )  # fmt: skip
+    text: str = setting("", "A UTF-8 text file to score instead of --split.")
+    unknown: str = setting(
+        "error", "Characters of --text outside the model's vocabulary: stop with an error "
+        "naming them, or skip them (scoring the rest).", choices=("error", "skip"),
+    )  # fmt: skip
+    streams: int = setting(
+        1, "Read the text as this many contiguous streams, each from a zero state (faster on "
+        "an accelerator; each stream start costs a little)."
+    )  # fmt: skip
+    dynamic: bool = setting(False, "Dynamic evaluation: adapt the weights as the text is read.")
+    dynamic_options: DynamicConfig = section(DynamicConfig)
+
+
+def main(argv: list[str]) -> None:
+    with cli.user_errors():
+        cli.refuse_positional_arguments(argv)
+        options = cli.read_flags(EvaluateOptions)
+        if options.text and cli.FLAGS["split"].present:
+            raise UsageError("--text and --split both choose the text; pass only one.")
+        if options.streams < 1:
+            raise UsageError(f"--streams must be positive, got {options.streams}.")
+        options.dynamic_options.check()
+        started = time.perf_counter()
+        model, params, vocab, step, meta = restore_model(options.workdir, options.checkpoint)
+        which = "EMA parameters" if meta.get("selected") == "ema_params" else "parameters"
+        name, ids = _text_to_score(options, meta, vocab)
+        note = f"# checkpoint step {step} ({which}); {options.streams} stream(s)"
+        if options.dynamic:
+            loss = _dynamic_loss(options, meta, vocab, model, params, ids)
+            dyn = options.dynamic_options
+            name += " (dynamic evaluation)"
+            note += (
+                f"; dynamic evaluation: lr {dyn.dynamic_lr:g}, decay {dyn.dynamic_decay:g}, "
+                f"segments of {dyn.dynamic_segment}, gradient RMS over "
+                f"{dyn.dynamic_stat_batches} training batches"
+            )
+        else:
+            loss = score_ids(model, params, ids, options.streams)
+        print(f"{note}; {time.perf_counter() - started:.1f} s", file=sys.stderr)
+        print(
+            f"{name}: {steps.bits_per_char(loss):.4f} bpc ({loss:.4f} nats/char, "
+            f"{len(ids) - 1:,} characters)"
+        )
+
+
+def run_data_config(meta: dict[str, Any]) -> DataConfig:
+    """The data settings a checkpoint's run trained with (those before --test_fraction had no
+    test part)."""
+    saved = meta.get("config", {}).get("data")
+    if saved is None:
+        raise UserError(
+            "This checkpoint does not record its run's text (it predates the saved config); "
+            "score a file with --text=FILE."
+        )
+    return from_dict(DataConfig, {"test_fraction": 0.0, **saved})
+
+
+def _text_to_score(options: EvaluateOptions, meta: dict, vocab: Vocab) -> tuple[str, np.ndarray]:
+    if not options.text:
+        _, split, _ = load_split(run_data_config(meta), lambda _: vocab)
+        ids = getattr(split, options.split)
+        if len(ids) < 2:
+            raise UserError(
+                f"The run has no {options.split} text (trained with --test_fraction=0, or "
+                "before it existed); choose another --split or score a file with --text."
+            )
+        return options.split, ids
+    text = _read_utf8(options.text)
+    missing = vocab.unknown(text)
+    if missing:
+        count = sum(text.count(c) for c in missing)
+        shown = " ".join(repr(c) for c in missing[:20]) + (" ..." if len(missing) > 20 else "")
+        if options.unknown != "skip":
+            raise UserError(
+                f"{options.text} has {count:,} character(s) outside the model's vocabulary "
+                f"({len(missing)} distinct: {shown}); pass --unknown=skip to score the rest."
+            )
+        print(f"# skipped {count:,} character(s) outside the vocabulary: {shown}", file=sys.stderr)
+        text = "".join(c for c in text if c not in set(missing))
+    if len(text) < 2:
+        raise UserError(f"{options.text} has fewer than 2 characters to score.")
+    return options.text, vocab.encode(text)
+
+
+def _read_utf8(path: str) -> str:
+    try:
+        return Path(path).expanduser().read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise UserError(f"--text={path} does not exist.") from None
+    except IsADirectoryError:
+        raise UserError(f"--text={path} is a directory, not a file.") from None
+    except UnicodeDecodeError as e:
+        raise UserError(f"--text={path} is not UTF-8 text ({e.reason}).") from None
+    except OSError as e:
+        raise UserError(f"--text={path} cannot be read ({e.strerror}).") from None
+
+
+def _dynamic_loss(options, meta, vocab, model, params, ids) -> float:
+    from lstm_jax.dynamic import DynamicEvaluator, gradient_rms
+
+    dyn, data = options.dynamic_options, run_data_config(meta)
+    _, split, _ = load_split(data, lambda _: vocab)
+    batcher = Batcher(split.train, data.seq_len, data.global_batch, data.seed, data.carry_state)
+    rms = gradient_rms(model, params, batcher, dyn.dynamic_stat_batches)
+    evaluator = DynamicEvaluator(model, params, rms, dyn.dynamic_epsilon)
+    loss, _ = evaluator.score(
+        ids,
+        lr=dyn.dynamic_lr,
+        decay=dyn.dynamic_decay,
+        segment=dyn.dynamic_segment,
+        num_streams=options.streams,
+    )
+    return loss
+
+
+if __name__ == "__main__":
+    cli.run(main, [EvaluateOptions])

@@ -202,19 +202,22 @@ def init_state(
         "fresh optimizer and schedule"
         + (f"; {added} new character(s) added to its vocabulary." if added else ".")
     )
-    return model, state.replace(params=params, opt_state=state.tx.init(params))
+    ema_params = None if state.ema_params is None else params  # The average starts there too.
+    return model, state.replace(
+        params=params, opt_state=state.tx.init(params), ema_params=ema_params
+    )
 
 
 def restore_params(start: Start) -> Any:
-    """The checkpoint's parameters, on the host as numpy arrays."""
+    """The checkpoint's model parameters (their average, if that was its model), on the host
+    as numpy arrays."""
     model = CharLSTM(start.model, len(start.vocab))
     abstract = jax.eval_shape(functools.partial(init_params, model), jax.random.key(0))
     sharding = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
     checkpoints = Checkpoints(start.workdir, read_only=True)
     try:
-        return jax.device_get(
-            checkpoints.restore_params(start.step, abstract_like(abstract, sharding))
-        )
+        params, _ = checkpoints.restore_model_params(start.step, abstract_like(abstract, sharding))
+        return jax.device_get(params)
     finally:
         checkpoints.close()
 

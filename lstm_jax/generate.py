@@ -14,6 +14,7 @@ from __future__ import annotations
 import functools
 import math
 from collections.abc import Iterator
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -251,3 +252,25 @@ def check_sampling_args(
         raise UsageError(f"--top_k must be 0 (off) or in [1, {vocab_size}], got {top_k}.")
     if not 0 < top_p <= 1:
         raise UsageError(f"--top_p must be in (0, 1] (1: off), got {top_p}.")
+
+
+def sample_for_log(
+    model: CharLSTM, params: Any, vocab: Vocab, text_ids: np.ndarray, options: Any, seed: int
+) -> str:
+    """`prompt|continuation` for a training log: from `options.prompt` (a `SampleConfig`), or
+    else a window of 100 characters of `text_ids` at a position drawn from `seed`."""
+    prompt = options.prompt
+    if not prompt:
+        start = np.random.default_rng(seed).integers(0, max(len(text_ids) - 100, 1))
+        prompt = vocab.decode(text_ids[start : start + 100])
+    (text,) = sample_text(
+        model,
+        params,
+        vocab,
+        prompt,
+        length=options.length,
+        temperature=options.temperature,
+        seed=seed,
+        unknown="skip",
+    )
+    return f"{prompt}|{text}"

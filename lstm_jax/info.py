@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import json
 import math
 from typing import Any
 
@@ -66,14 +67,14 @@ def describe(workdir: str) -> str:
         best = checkpoints.best_step()
         lines = [f"{checkpoints.directory}: {len(steps)} checkpoint(s), * is the best"]
         lines.append(f"  {'step':>8}  {'val bpc':>8}  {'test bpc':>8}  {'wall time':>10}")
-        metas = {}
+        metas, tests = {}, _test_results(workdir)
         for step in steps:
             try:
                 metas[step] = checkpoints.read_meta(step)
             except Exception as e:  # noqa: BLE001 - a damaged one is listed, not fatal.
                 lines.append(f"  {step:>8}  unreadable ({type(e).__name__})")
                 continue
-            lines.append(_row(step, metas[step], best=step == best))
+            lines.append(_row(step, metas[step], tests.get(step), best=step == best))
     finally:
         checkpoints.close()
     if not metas:
@@ -81,16 +82,36 @@ def describe(workdir: str) -> str:
     return "\n".join(lines + _model_lines(metas[max(metas)]))
 
 
-def _row(step: int, meta: dict[str, Any], *, best: bool) -> str:
-    def bpc(key: str) -> str:
-        value = meta.get(key)
-        return "-" if value is None or not math.isfinite(value) else f"{value:.4f}"
+def _row(step: int, meta: dict[str, Any], test_bpc: float | None, *, best: bool) -> str:
+    def text(value: Any) -> str:
+        return "-" if not isinstance(value, float) or not math.isfinite(value) else f"{value:.4f}"
 
+    # The checkpoint's model: its parameters, or their average where that was better.
+    val_loss = meta.get("selected_val_loss", meta.get("val_loss"))
+    val_bpc = val_loss / math.log(2) if isinstance(val_loss, float) else None
     seconds = int(meta.get("wall_seconds", 0))
     wall = f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
-    return (
-        f"{'*' if best else ' '} {step:>8}  {bpc('val_bpc'):>8}  {bpc('test_bpc'):>8}  {wall:>10}"
-    )
+    return f"{'*' if best else ' '} {step:>8}  {text(val_bpc):>8}  {text(test_bpc):>8}  {wall:>10}"
+
+
+def _test_results(workdir: str) -> dict[int, float]:
+    """Test bpc by step, from the run's metrics.jsonl (a finished run tests its best checkpoint);
+    unreadable lines are passed over."""
+    from lstm_jax.checkpoint import workdir_path
+
+    try:
+        lines = (workdir_path(workdir) / "metrics.jsonl").read_text().splitlines()
+    except (OSError, UnicodeDecodeError):
+        return {}
+    results = {}
+    for line in lines:
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(record, dict) and isinstance(record.get("test_bpc"), float):
+            results[record.get("step")] = record["test_bpc"]
+    return results
 
 
 def _model_lines(meta: dict[str, Any]) -> list[str]:

@@ -12,6 +12,7 @@ it the JSON lines are written all the same. TensorBoard's Text tab also gets the
 from __future__ import annotations
 
 import json
+import math
 import os
 import time
 from typing import Any
@@ -180,3 +181,14 @@ class Timer:
         if self._paused_at is not None:
             self._excluded += time.perf_counter() - self._paused_at
             self._paused_at = None
+
+
+def bpc_text(loss_nats: float) -> str:
+    """A loss in nats as "X.XXX bpc", or "-" before there is one."""
+    return "-" if math.isnan(loss_nats) else f"{loss_nats / math.log(2):.3f} bpc"
+
+
+def format_duration(seconds: float) -> str:
+    seconds = int(seconds)
+    hours, rest = divmod(seconds, 3600)
+    return f"{hours}:{rest // 60:02d}:{rest % 60:02d}"

@@ -10,8 +10,10 @@ around the cells, so every cell gets them.
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
+import flax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -57,10 +59,23 @@ class CharLSTM(nn.Module):
             x = embed(tokens)
         else:
             x = jax.nn.one_hot(tokens, self.vocab_size, dtype=jnp.float32)
+        train = not deterministic
+        if train and reg.embed_dropout:
+            # One keep/drop draw per character of the vocabulary, for all its occurrences.
+            keep = jax.random.bernoulli(
+                self.make_rng("dropout"), 1.0 - reg.embed_dropout, (self.vocab_size,)
+            )
+            x = x * (keep[tokens] / (1.0 - reg.embed_dropout))[..., None].astype(x.dtype)
         # Variational ("locked") dropout: the mask is broadcast over the time axis, so a
         # dropped unit stays dropped for the whole sequence (Gal & Ghahramani, 2016).
         time_axis = (1,) if reg.variational_dropout else ()
+        if reg.input_dropout:  # Named, and only when on: the other dropouts keep their names
+            # (Dropout_0, ...), from which their masks are drawn, so old runs replay exactly.
+            x = nn.Dropout(reg.input_dropout, broadcast_dims=time_axis, name="input_dropout")(
+                x, deterministic=not train
+            )
         cell_type = CELLS[config.cell]
+        cell_options = {**cell_options, **CELLS[config.cell].options(config)}
         new_carry = []
         for layer in range(config.num_layers):
             layer_input = x
@@ -69,7 +84,10 @@ class CharLSTM(nn.Module):
                 layer_input = nn.Dropout(reg.dropout, broadcast_dims=time_axis)(
                     x, deterministic=deterministic
                 )
-            layer_carry, y = cell_type(
+            layer_cell = cell_type
+            if train and reg.weight_drop:  # A mask of its own for every layer.
+                layer_cell = _with_weight_drop(cell_type, self, reg.weight_drop)
+            layer_carry, y = layer_cell(
                 config.hidden, name=f"{config.cell}_{layer}", **cell_options
             ).scan(carry[layer], layer_input, **scan_options)
             if config.layer_norm:
@@ -88,8 +106,35 @@ class CharLSTM(nn.Module):
 
     def initialize_carry(self, batch_size: int) -> Carry:
         # parent=None: a free-standing cell, only asked for its zero state.
-        cell = CELLS[self.config.cell](self.config.hidden, parent=None)
+        cell = free_cell(self.config)
         return tuple(cell.init_carry(batch_size) for _ in range(self.config.num_layers))
+
+
+def free_cell(config: ModelConfig) -> Any:
+    """An unbound cell of the model's kind and width: for its zero state and its FLOPs."""
+    cell_type = CELLS[config.cell]
+    return cell_type(config.hidden, parent=None, **cell_type.options(config))
+
+
+def _with_weight_drop(cell_type: type, parent: nn.Module, rate: float) -> type:
+    """`cell_type` whose recurrent kernels are multiplied by a fresh DropConnect mask (scaled by
+    1 / (1 - rate)) each time the model is applied: one mask per optimizer step, shared by all
+    time steps and sequences (AWD-LSTM's WeightDrop). Parameter names and shapes are unchanged."""
+    key = parent.make_rng("dropout")
+
+    def drop(variables: dict) -> dict:
+        params = flax.core.unfreeze(variables["params"])
+        for number, path in enumerate(cell_type.recurrent_kernels):
+            *scopes, leaf = path.split("/")
+            holder = functools.reduce(lambda tree, name: tree[name], scopes, params)
+            kernel = holder[leaf]
+            keep = jax.random.bernoulli(jax.random.fold_in(key, number), 1.0 - rate, kernel.shape)
+            holder[leaf] = jnp.where(keep, kernel / (1.0 - rate), 0.0).astype(kernel.dtype)
+        return {**variables, "params": params}
+
+    return nn.map_variables(
+        cell_type, "params", trans_in_fn=drop, init=parent.is_initializing(), methods=["scan"]
+    )
 
 
 def build_model(config: Config, vocab_size: int) -> CharLSTM:
@@ -120,7 +165,7 @@ def forward_flops_per_char(config: ModelConfig, vocab_size: int) -> int:
     not). The embedding lookup, layer norms, residual adds and dropout are not matmuls and are
     not counted. Training takes about 3x this (each matmul's backward is two matmuls).
     """
-    cell = CELLS[config.cell](config.hidden, parent=None)
+    cell = free_cell(config)
     input_dim, flops = config.embed_dim or vocab_size, 0
     for _ in range(config.num_layers):
         flops += cell.flops_per_step(input_dim)

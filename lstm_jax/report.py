@@ -51,6 +51,7 @@ class RunSummary:
     steps: int
     wall_seconds: float | None
     best_val_bpc: float  # NaN before the first evaluation.
+    test_bpc: float  # Of the best checkpoint, once the run finished; NaN before.
     chars_per_second: float | None
     # (step, wall seconds or None, val bpc) for every evaluation, in step order.
     val_curve: list[tuple[int, float | None, float]]
@@ -97,9 +98,12 @@ def summarize(workdir: str | Path, name: str | None = None) -> RunSummary:
         last = train[max(train)]
         if last.get("train_seconds"):
             chars_per_second = last["step"] * start["chars_per_step"] / last["train_seconds"]
+    # The checkpoint's model at each evaluation: the parameters, or their average if better.
     val_curve = [
-        (step, val[step].get("wall_seconds"), val[step]["val_bpc"]) for step in sorted(val)
+        (step, r.get("wall_seconds"), min(r["val_bpc"], r.get("ema_val_bpc", math.inf)))
+        for step, r in sorted(val.items())
     ]
+    tests = [r["test_bpc"] for r in records if "test_bpc" in r]
     return RunSummary(
         name=name or Path(workdir).name,
         cell=start.get("cell"),
@@ -107,6 +111,7 @@ def summarize(workdir: str | Path, name: str | None = None) -> RunSummary:
         steps=max((r.get("step", 0) for r in records), default=0),
         wall_seconds=timed[-1]["wall_seconds"] if timed else None,
         best_val_bpc=min((bpc for _, _, bpc in val_curve), default=math.nan),
+        test_bpc=tests[-1] if tests else math.nan,
         chars_per_second=chars_per_second,
         val_curve=val_curve,
     )
@@ -119,7 +124,8 @@ def format_duration(seconds: float) -> str:
 
 def format_table(runs: Sequence[RunSummary]) -> str:
     """The runs as a Markdown table (paste it into a README as it is)."""
-    header = ["run", "cell", "parameters", "steps", "wall time", "best val bpc", "chars/s"]
+    header = ["run", "cell", "parameters", "steps", "wall time", "best val bpc", "test bpc"]
+    header.append("chars/s")
     rows = [
         [
             run.name,
@@ -128,6 +134,7 @@ def format_table(runs: Sequence[RunSummary]) -> str:
             str(run.steps),
             "-" if run.wall_seconds is None else format_duration(run.wall_seconds),
             "-" if math.isnan(run.best_val_bpc) else f"{run.best_val_bpc:.4f}",
+            "-" if math.isnan(run.test_bpc) else f"{run.test_bpc:.4f}",
             "-" if run.chars_per_second is None else f"{run.chars_per_second:,.0f}",
         ]
         for run in runs

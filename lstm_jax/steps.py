@@ -7,8 +7,9 @@ A step returns its metrics as sums plus a `count` (characters), so the loop summ
 metric generically: add `"name_sum": value * count` in the step and `name` appears in the log
 and in metrics.jsonl.
 
-A new training idea (an EMA of the parameters, say) is a `TrainState` field plus a few lines in
-`train_step`; the checkpoint saves the whole state, so it is saved and resumed with it.
+A new training idea is a `TrainState` field plus a few lines in the step, as the EMA of the
+parameters is (`ema_params`, updated in `TrainState.apply_gradients`); the checkpoint saves the
+whole state, so it is saved and resumed with it.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import math
 from collections.abc import Callable
 from typing import Any
 
+import flax
 import jax
 import jax.numpy as jnp
 import optax
@@ -29,13 +31,27 @@ Metrics = dict[str, jax.Array]
 
 
 class TrainState(train_state.TrainState):
-    """Flax's TrainState plus the key that dropout masks are folded from (with the step).
+    """Flax's TrainState plus the key that dropout masks are folded from (with the step), and
+    the exponential moving average of the parameters (None when `ema_decay` is 0).
 
     The key is kept as raw key data (uint32), so the whole state is plain arrays: one
-    checkpoint item.
+    checkpoint item, EMA included.
     """
 
     dropout_key: jax.Array
+    ema_params: Any = None
+    ema_decay: float = flax.struct.field(pytree_node=False, default=0.0)
+
+    def apply_gradients(self, *, grads: Any, **kwargs: Any) -> TrainState:
+        """The optimizer step, then the average follows the new parameters."""
+        new = super().apply_gradients(grads=grads, **kwargs)
+        if self.ema_params is None:
+            return new
+        # Warmed up as in TensorFlow's ExponentialMovingAverage(num_updates): early parameters,
+        # far from the final ones, fade fast.
+        decay = jnp.minimum(self.ema_decay, (1.0 + self.step) / (10.0 + self.step))
+        ema = optax.incremental_update(new.params, self.ema_params, 1.0 - decay)
+        return new.replace(ema_params=ema)
 
 
 def learning_rate_schedule(optim: OptimConfig, total_steps: int) -> optax.Schedule:
@@ -77,6 +93,8 @@ def create_train_state(
         params=params,
         tx=make_optimizer(optim, total_steps),
         dropout_key=jax.random.key_data(dropout_key),
+        ema_params=params if optim.ema_decay > 0 else None,
+        ema_decay=optim.ema_decay,
     )
 
 

@@ -23,12 +23,12 @@ from absl import logging
 from lstm_jax import parallel
 from lstm_jax.checkpoint import open_checkpoints, restore_latest_usable, workdir_path
 from lstm_jax.config import Config
-from lstm_jax.data import Batcher, Vocab, eval_streams, load_split
+from lstm_jax.data import RunData, Vocab, load_run_data
 from lstm_jax.errors import UsageError, UserError
-from lstm_jax.evaluate import evaluate
+from lstm_jax.evaluate import evaluate, test_best_checkpoint
 from lstm_jax.finetune import init_state, vocab_builder
-from lstm_jax.generate import sample_text
-from lstm_jax.metrics import MetricsFile, Timer, every, summarise
+from lstm_jax.generate import sample_for_log
+from lstm_jax.metrics import MetricsFile, Timer, bpc_text, every, format_duration, summarise
 from lstm_jax.models import count_params
 from lstm_jax.steps import bits_per_char, learning_rate_schedule, total_steps
 from lstm_jax.stop import StopSignal
@@ -43,6 +43,7 @@ class TrainResult:
     val_loss: float
     best_val_loss: float
     best_step: int
+    test_loss: float  # Of the best checkpoint; NaN without a test part or a finished run.
     train_losses: list[float]  # Mean loss (nats) of every logging window, in order.
     vocab: Vocab
     stopped_early: bool = False
@@ -54,19 +55,10 @@ class Progress:
 
     best_val_loss: float = math.inf
     best_step: int = -1
-    val_loss: float = math.nan
-
-
-@dataclasses.dataclass
-class RunData:
-    """The text, cut for this run and this process."""
-
-    vocab: Vocab
-    val_ids: np.ndarray
-    batcher: Batcher
-    rows: slice  # This process's rows of every global batch.
-    eval_streams: tuple[np.ndarray, np.ndarray, np.ndarray]  # This process's rows.
-    note: str
+    best_params: str = "params"  # Which of the state's parameters: "params" or "ema_params".
+    val_loss: float = math.nan  # The raw parameters'.
+    ema_val_loss: float = math.nan
+    test_loss: float = math.nan
 
 
 @dataclasses.dataclass
@@ -82,9 +74,9 @@ class _Run:
     progress: Progress
     timer: Timer
     checkpoints: Any
-    metrics_file: MetricsFile
-    num_steps: int
-    log: Callable[[str], None]
+    metrics_file: MetricsFile = None
+    num_steps: int = 0
+    log: Callable[[str], None] = logging.info
     train_losses: list[float] = dataclasses.field(default_factory=list)
 
     def shard(self, x: np.ndarray) -> np.ndarray:
@@ -105,15 +97,16 @@ def train_and_evaluate(
             raise UsageError("A multi-process job runs on all local devices of every process.")
         log = log if jax.process_index() == 0 else _silent
     config.validate(len(devices) * jax.process_count())
-    data = load_run_data(config)
+    data = load_run_data(config.data, vocab_builder(config))
     num_steps = total_steps(config, data.batcher.steps_per_epoch)
 
     # --- Model and state ---
     model, state = init_state(config, data.vocab, num_steps, log)  # --init_from: its params.
     state = parallel.replicate(state, devices)
     log(
-        f"{data.note}; vocabulary {data.vocab.size}; train {len(data.batcher.train_ids):,} / "
-        f"validation {len(data.val_ids):,} characters; {count_params(state.params):,} "
+        f"{data.note}; vocabulary {data.vocab.size}; train {len(data.split.train):,} / "
+        f"validation {len(data.split.val):,} / test {len(data.split.test):,} characters; "
+        f"{count_params(state.params):,} "
         f"parameters; {data.batcher.steps_per_epoch} steps per epoch; {len(devices)} local "
         f"device(s) ({devices[0].platform}), {jax.process_count()} process(es)"
     )
@@ -125,20 +118,8 @@ def train_and_evaluate(
     )
     state, carry, progress, timer = _resume(config, model, state, checkpoints, data, devices, log)
     metrics_file = MetricsFile(workdir / "metrics.jsonl", tensorboard_dir=workdir, settings=config)
-    run = _Run(
-        config,
-        devices,
-        data,
-        model,
-        state,
-        None,
-        progress,
-        timer,
-        checkpoints,
-        metrics_file,
-        num_steps,
-        log,
-    )
+    run = _Run(config, devices, data, model, state, None, progress, timer, checkpoints)
+    run.metrics_file, run.num_steps, run.log = metrics_file, num_steps, log
     run.carry = jax.tree.map(lambda c: run.shard(np.asarray(c)), carry)
     # What `python -m lstm_jax.report` labels the run with; a resumed run drops later records.
     metrics_file.write(
@@ -152,6 +133,8 @@ def train_and_evaluate(
     step, stopped_by = _train(run)
     checkpoints.wait()
     _log_end(run, stopped_by, step)
+    if stopped_by is None:  # The test is of a finished run.
+        _record_test(run)
     checkpoints.close()
     metrics_file.close()
     return TrainResult(
@@ -160,6 +143,7 @@ def train_and_evaluate(
         val_loss=progress.val_loss,
         best_val_loss=progress.best_val_loss,
         best_step=progress.best_step,
+        test_loss=progress.test_loss,
         train_losses=run.train_losses,
         vocab=data.vocab,
         stopped_early=stopped_by is not None,
@@ -203,10 +187,7 @@ def _train(run: _Run) -> tuple[int, str | None]:
             if evaluate_now:
                 if pending:  # Never save (or evaluate) a state whose loss was not checked.
                     _flush(run, step, pending)
-                val_loss = evaluate(
-                    p_eval_step, run.state.params, run.data.eval_streams, zero_eval_carry, run.shard
-                )
-                _record_validation(run, step, val_loss)
+                _record_validation(run, step, _validate(run, p_eval_step, zero_eval_carry))
                 if checkpoint_now:
                     _save(run, step)
             if sample_now:
@@ -218,22 +199,6 @@ def _train(run: _Run) -> tuple[int, str | None]:
 
 
 # --- Sections of the loop ----------------------------------------------------------------------
-
-
-def load_run_data(config: Config) -> RunData:
-    """The corpus, its vocabulary, the split, the batcher and this process's validation rows."""
-    vocab, train_ids, val_ids, note = load_split(config.data, vocab_builder(config))
-    d = config.data
-    batcher = Batcher(train_ids, d.seq_len, d.global_batch, d.seed, d.carry_state)
-    if len(val_ids) <= d.seq_len:
-        raise UsageError(
-            f"--seq_len={d.seq_len} is longer than the validation text ({len(val_ids)} "
-            "characters); lower --seq_len or raise --val_fraction."
-        )
-    process_rows = d.global_batch // jax.process_count()
-    rows = slice(jax.process_index() * process_rows, (jax.process_index() + 1) * process_rows)
-    streams = tuple(a[:, rows] for a in eval_streams(val_ids, d.global_batch, d.seq_len))
-    return RunData(vocab, val_ids, batcher, rows, streams, note)
 
 
 def _resume(config, model, state, checkpoints, data: RunData, devices, log):
@@ -257,7 +222,9 @@ def _resume(config, model, state, checkpoints, data: RunData, devices, log):
     step, restored_state, restored_carry, meta = resumed
     state = parallel.to_host_local(restored_state, devices)
     carry = jax.tree.map(lambda c: np.asarray(c)[data.rows], restored_carry)
-    progress = Progress(meta["best_val_loss"], meta["best_step"])
+    progress = Progress(
+        meta["best_val_loss"], meta["best_step"], meta.get("best_params", "params")
+    )
     timer = Timer(meta.get("wall_seconds", meta["train_seconds"]), meta["train_seconds"])
     log(f"Resuming from step {step} in {checkpoints.directory}.")
     return state, carry, progress, timer
@@ -285,8 +252,8 @@ def _log_training(run: _Run, step: int, steps_in_window: int, train: dict[str, f
     eta = (run.num_steps - step) * chars_per_step / chars_per_second
     run.log(
         f"step {step}/{run.num_steps} | train {bits_per_char(train['loss']):.3f} bpc | "
-        f"val {_bpc_text(run.progress.val_loss)} | {chars_per_second:,.0f} chars/s | "
-        f"ETA {_format_duration(eta)}"
+        f"val {bpc_text(run.progress.val_loss)} | {chars_per_second:,.0f} chars/s | "
+        f"ETA {format_duration(eta)}"
     )
     schedule = learning_rate_schedule(run.config.optim, run.num_steps)
     run.metrics_file.write(
@@ -301,27 +268,54 @@ def _log_training(run: _Run, step: int, steps_in_window: int, train: dict[str, f
     )
 
 
-def _record_validation(run: _Run, step: int, val_loss: float) -> None:
+def _validate(run: _Run, p_eval_step: Callable, zero_carry: Any) -> dict[str, float]:
+    """Validation loss of the parameters, and of their moving average when there is one."""
+    losses = {}
+    for name in ("params", "ema_params"):
+        params = getattr(run.state, name)
+        if params is not None:
+            streams = run.data.eval_streams
+            losses[name] = evaluate(p_eval_step, params, streams, zero_carry, run.shard)
+    return losses
+
+
+def _record_validation(run: _Run, step: int, losses: dict[str, float]) -> None:
     progress = run.progress
-    progress.val_loss = val_loss
-    if val_loss < progress.best_val_loss:
-        progress.best_val_loss, progress.best_step = val_loss, step
+    progress.val_loss = losses["params"]
+    progress.ema_val_loss = losses.get("ema_params", math.nan)
+    selected = min(losses, key=losses.get)
+    if losses[selected] < progress.best_val_loss:
+        progress.best_val_loss, progress.best_step = losses[selected], step
+        progress.best_params = selected
+    ema = f", EMA {bpc_text(progress.ema_val_loss)}" if "ema_params" in losses else ""
+    of_ema = " (EMA)" if progress.best_params == "ema_params" else ""
     run.log(
-        f"step {step}: validation {bits_per_char(val_loss):.4f} bpc ({val_loss:.4f} "
-        f"nats/char); best {bits_per_char(progress.best_val_loss):.4f} bpc at step "
-        f"{progress.best_step}"
+        f"step {step}: validation {bits_per_char(progress.val_loss):.4f} bpc "
+        f"({progress.val_loss:.4f} nats/char){ema}; best "
+        f"{bits_per_char(progress.best_val_loss):.4f} bpc at step {progress.best_step}{of_ema}"
     )
+    ema_records = {}
+    if "ema_params" in losses:
+        ema_bpc = bits_per_char(progress.ema_val_loss)
+        ema_records = dict(ema_val_loss=progress.ema_val_loss, ema_val_bpc=ema_bpc)
     run.metrics_file.write(
         step=step,
         wall_seconds=run.timer.wall_seconds(),
         train_seconds=run.timer.train_seconds,
-        val_loss=val_loss,
-        val_bpc=bits_per_char(val_loss),
+        val_loss=progress.val_loss,
+        val_bpc=bits_per_char(progress.val_loss),
+        **ema_records,
     )
+
 
 
 def _save(run: _Run, step: int) -> None:
     progress = run.progress
+    # This checkpoint's model: its raw parameters, or their average where that is better.
+    ema_better = progress.ema_val_loss < progress.val_loss  # False without an EMA (NaN).
+    selected, selected_loss = (
+        ("ema_params", progress.ema_val_loss) if ema_better else ("params", progress.val_loss)
+    )
     meta = {
         "vocab": run.data.vocab.chars,
         "settings": run.config.run_settings(),
@@ -329,8 +323,12 @@ def _save(run: _Run, step: int) -> None:
         "step": step,
         "val_loss": progress.val_loss,
         "val_bpc": bits_per_char(progress.val_loss),
+        **({"ema_val_loss": progress.ema_val_loss} if run.state.ema_params is not None else {}),
         "best_val_loss": progress.best_val_loss,
         "best_step": progress.best_step,
+        "best_params": progress.best_params,
+        "selected": selected,
+        "selected_val_loss": selected_loss,
         "train_seconds": run.timer.train_seconds,
         "wall_seconds": run.timer.wall_seconds(),
     }
@@ -341,8 +339,23 @@ def _save(run: _Run, step: int) -> None:
         state=parallel.to_global(run.state, run.devices),
         carry=host_carry,
         meta=meta,
-        val_loss=progress.val_loss,
+        val_loss=selected_loss,
     )
+
+
+def _record_test(run: _Run) -> None:
+    """Score the best checkpoint's model on the test text, once, and record it."""
+    tested = test_best_checkpoint(run.checkpoints, run.model, run.state.params, run.data.split.test)
+    if tested is None:
+        return
+    step, which, run.progress.test_loss = tested
+    bpc = bits_per_char(run.progress.test_loss)
+    run.log(
+        f"Test: {bpc:.4f} bpc ({run.progress.test_loss:.4f} nats/char) over the "
+        f"{len(run.data.split.test):,} test characters read as one stream, by the best checkpoint "
+        f"by validation (step {step}, {'EMA ' if which == 'ema_params' else ''}parameters)."
+    )
+    run.metrics_file.write(step=step, test_loss=run.progress.test_loss, test_bpc=bpc, test_of=which)
 
 
 def _log_end(run: _Run, stopped_by: str | None, step: int) -> None:
@@ -360,38 +373,16 @@ def _log_end(run: _Run, stopped_by: str | None, step: int) -> None:
 
 
 def _sample_for_log(run: _Run, step: int) -> str:
-    """A short sample for the log and TensorBoard, from the prompt or a random window of the
-    validation text."""
+    """A short sample for the log and TensorBoard (see `generate.sample_for_log`)."""
     if jax.process_index() != 0:  # Sampling is local work; the other processes skip it.
         return ""
-    config, vocab, val_ids = run.config, run.data.vocab, run.data.val_ids
-    prompt = config.sample.prompt
-    if not prompt:
-        start = np.random.default_rng(config.data.seed).integers(0, max(len(val_ids) - 100, 1))
-        prompt = vocab.decode(val_ids[start : start + 100])
     params = jax.device_put(run.state.params, jax.local_devices()[0])
-    (text,) = sample_text(
-        run.model,
-        params,
-        vocab,
-        prompt,
-        length=config.sample.length,
-        temperature=config.sample.temperature,
-        seed=config.data.seed,
-        unknown="skip",
+    config = run.config
+    text = sample_for_log(
+        run.model, params, run.data.vocab, run.data.split.val, config.sample, config.data.seed
     )
-    run.metrics_file.write_text("sample", f"{prompt}|{text}", step)
-    return f"{prompt}|{text}"
-
-
-def _bpc_text(loss_nats: float) -> str:
-    return "-" if math.isnan(loss_nats) else f"{bits_per_char(loss_nats):.3f} bpc"
-
-
-def _format_duration(seconds: float) -> str:
-    seconds = int(seconds)
-    hours, rest = divmod(seconds, 3600)
-    return f"{hours}:{rest // 60:02d}:{rest % 60:02d}"
+    run.metrics_file.write_text("sample", text, step)
+    return text
 
 
 def _silent(message: str) -> None:

@@ -80,6 +80,10 @@ FT_EXTEND = FT + "extend_vocab_keeps_every_learnt_parameter_and_adds_new_rows"
 FT_COMMAND = FT + "the_command_line_takes_the_model_from_the_checkpoint"
 FT_REFUSED = FT + "refused_starts_give_one_line_and_write_nothing"
 INFO = "tests/test_info.py"
+REG = "tests/test_regularizers.py"
+DYN = "tests/test_dynamic.py"
+EVAL = "tests/test_evaluate.py"
+CELLS_TEST = "tests/test_cells.py"
 TB_TEXT = (
     "tests/test_metrics.py::test_"
     + "tensorboard_text_holds_the_runs_settings_and_the_samples_it_logged"
@@ -277,9 +281,9 @@ MUTATIONS: tuple[Mutation, ...] = (
     ),
     Mutation(
         "loop_ignores_carry_state_flag",
-        "train.py",
-        "Batcher(train_ids, d.seq_len, d.global_batch, d.seed, d.carry_state)",
-        "Batcher(train_ids, d.seq_len, d.global_batch, d.seed)",
+        "data.py",
+        "split_ids.train, config.seq_len, config.global_batch, config.seed, config.carry_state",
+        "split_ids.train, config.seq_len, config.global_batch, config.seed",
         (REF, CHECKPOINT),
         "--carry_state=false still trains on carried contiguous streams",
     ),
@@ -304,9 +308,9 @@ MUTATIONS: tuple[Mutation, ...] = (
     Mutation(
         "resume_ignores_opt_state",
         "checkpoint.py",
-        'return restored["state"], restored["carry"]',
-        'return restored["state"].replace(opt_state=jax.tree.map(lambda x: x * 0, '
-        'restored["state"].opt_state)), restored["carry"]',
+        'return saved_state, restored["carry"]',
+        'return saved_state.replace(opt_state=jax.tree.map(lambda x: x * 0, '
+        'saved_state.opt_state)), restored["carry"]',
         (STOP_AND_RESUME, REF),
         "a resumed run restarts Adam's moments from zero",
     ),
@@ -321,8 +325,8 @@ MUTATIONS: tuple[Mutation, ...] = (
     Mutation(
         "resume_ignores_step",
         "checkpoint.py",
-        'return restored["state"], restored["carry"]',
-        'return restored["state"].replace(step=restored["state"].step * 0), restored["carry"]',
+        'return saved_state, restored["carry"]',
+        'return saved_state.replace(step=saved_state.step * 0), restored["carry"]',
         (STOP_AND_RESUME, REF),
         "a resumed run's optimizer step restarts at 0 (schedule and dropout keys go wrong)",
     ),
@@ -483,8 +487,8 @@ MUTATIONS: tuple[Mutation, ...] = (
     Mutation(
         "split_overlaps_by_one",
         "data.py",
-        "return ids[: len(ids) - num_val], ids[len(ids) - num_val :]",
-        "return ids[: len(ids) - num_val + 1], ids[len(ids) - num_val :]",
+        "return Split(ids[:val_start], ids[val_start:test_start], ids[test_start:])",
+        "return Split(ids[: val_start + 1], ids[val_start:test_start], ids[test_start:])",
         (DATA,),
         "the first validation character is also trained on",
     ),
@@ -543,8 +547,8 @@ MUTATIONS: tuple[Mutation, ...] = (
     Mutation(
         "init_from_params_not_loaded",
         "finetune.py",
-        "return model, state.replace(params=params, opt_state=state.tx.init(params))",
-        "return model, state",
+        "params=params, opt_state=state.tx.init(params), ema_params=ema_params",
+        "opt_state=state.tx.init(state.params), ema_params=state.ema_params",
         (FT_FASTER, FT_EXTEND),
         "--init_from starts from a fresh initialisation, not the checkpoint's parameters",
     ),
@@ -655,10 +659,95 @@ MUTATIONS: tuple[Mutation, ...] = (
     Mutation(
         "tensorboard_lacks_samples",
         "train.py",
-        'run.metrics_file.write_text("sample", f"{prompt}|{text}", step)',
+        'run.metrics_file.write_text("sample", text, step)',
         "pass",
         (TB_TEXT,),
         "TensorBoard gets no samples",
+    ),
+    # --- Regularisers, the average, the split, evaluation, dynamic evaluation, Mogrifier ------
+    Mutation(
+        "weight_drop_one_mask_for_all_layers",
+        "models.py",
+        """            layer_cell = cell_type
+            if train and reg.weight_drop:  # A mask of its own for every layer.
+                layer_cell = _with_weight_drop(cell_type, self, reg.weight_drop)""",
+        """            layer_cell = cell_type
+            if train and reg.weight_drop:  # A mask of its own for every layer.
+                layer_cell = _with_weight_drop(cell_type, self.clone(), reg.weight_drop)""",
+        (REG,),
+        "the weight-drop mask is drawn from a copy of the model's rngs: every layer the same",
+        k="weight_drop",
+    ),
+    Mutation(
+        "weight_drop_not_rescaled",
+        "models.py",
+        "holder[leaf] = jnp.where(keep, kernel / (1.0 - rate), 0.0).astype(kernel.dtype)",
+        "holder[leaf] = jnp.where(keep, kernel, 0.0).astype(kernel.dtype)",
+        (REG,),
+        "kept recurrent weights are not scaled by 1 / (1 - p): training and evaluation differ",
+        k="weight_drop",
+    ),
+    Mutation(
+        "embed_dropout_per_occurrence",
+        "models.py",
+        "self.make_rng(\"dropout\"), 1.0 - reg.embed_dropout, (self.vocab_size,)",
+        "self.make_rng(\"dropout\"), 1.0 - reg.embed_dropout, tokens.shape",
+        (REG,),
+        "embedding dropout draws per occurrence instead of per character",
+        k="embedding",
+    ),
+    Mutation(
+        "ema_without_warmup",
+        "steps.py",
+        "decay = jnp.minimum(self.ema_decay, (1.0 + self.step) / (10.0 + self.step))",
+        "decay = self.ema_decay",
+        (REG,),
+        "the moving average starts without its warm-up",
+        k="average",
+    ),
+    Mutation(
+        "checkpoint_model_always_raw",
+        "checkpoint.py",
+        'which = self.read_meta(step).get("selected", "params")',
+        'which = "params"',
+        (EVAL,),
+        "readers of a checkpoint take the raw parameters where the average was better",
+        k="better",
+    ),
+    Mutation(
+        "test_split_overlaps_validation",
+        "data.py",
+        "val_start, test_start = len(ids) - num_test - num_val, len(ids) - num_test",
+        "val_start, test_start = len(ids) - num_val, len(ids) - num_test",
+        (EVAL,),
+        "validation is cut from the end of the text, the same text as the test",
+        k="split",
+    ),
+    Mutation(
+        "dynamic_update_before_scoring",
+        "dynamic.py",
+        "params, carry, segment_sum = adapt(params, carry, *chunk)",
+        "params, carry, segment_sum = adapt(adapt(params, carry, *chunk)[0], carry, *chunk)",
+        (DYN,),
+        "each segment is scored after the weights learnt from it (seeing the answers)",
+    ),
+    Mutation(
+        "dynamic_decay_not_capped",
+        "dynamic.py",
+        "return jax.tree.map(lambda r: jnp.minimum(r / mean, cap), rms)",
+        "return jax.tree.map(lambda r: r / mean, rms)",
+        (DYN,),
+        "decay rates above 1 / decay overshoot the trained weights",
+        k="decay",
+    ),
+    Mutation(
+        "mogrifier_rounds_swapped",
+        "cells/mogrifier.py",
+        "            if round_ % 2:",
+        "            if not round_ % 2:",
+        (CELLS_TEST,),
+        "the Mogrifier gates h first, then x: not the paper's order",
+        k="mogrifier",
     ),
 )
 

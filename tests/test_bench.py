@@ -36,7 +36,10 @@ TINY_FLAGS = [f"--{name}={value}" for name, value in TINY.items()] + [
     "--generate_length=20",
 ]
 # The model settings besides TINY's, as the JSON reports them.
-DEFAULT_MODEL = {"cell": "lstm", "residual": False, "layer_norm": False, "tie_embeddings": False}
+DEFAULT_MODEL = {
+    "cell": "lstm", "residual": False, "layer_norm": False, "tie_embeddings": False,
+    "mogrifier_rounds": 5, "mogrifier_rank": 0,
+}  # fmt: skip
 HAS_TORCH = importlib.util.find_spec("torch") is not None
 
 

@@ -220,3 +220,39 @@ def test_default_lstm_is_the_pre_registry_model_bit_for_bit():
     new_out = new.apply({"params": old_params}, carry, tokens, deterministic=False, rngs=rngs)
     for a, b in zip(jax.tree.leaves(old_out), jax.tree.leaves(new_out), strict=True):
         np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.parametrize("rank", [0, 3])
+def test_mogrifier_step_is_the_papers_mutual_gating_then_an_lstm_step(rank):
+    from lstm_jax.cells.mogrifier import Mogrifier
+
+    def sigmoid(z):
+        return 1 / (1 + np.exp(-z))
+
+    cell = Mogrifier(6, rounds=5, rank=rank)
+    x = np.asarray(jax.random.normal(jax.random.key(0), (2, 4)), np.float64)
+    c0, h0 = (np.asarray(jax.random.normal(jax.random.key(k), (2, 6))) for k in (1, 2))
+    params = cell.init(jax.random.key(3), (c0, h0), x)["params"]
+    (c, h), y = cell.apply({"params": params}, (c0, h0), x)
+    p = jax.tree.map(lambda a: np.asarray(a, np.float64), params)
+
+    def project(v, name):  # Q_i or R_i, low-rank as a product of two thin matrices.
+        if rank:
+            v = v @ p[f"{name}_down"]["kernel"]
+        return v @ p[name]["kernel"]
+
+    xm, hm = x, h0
+    for i in range(1, 6):  # Odd rounds gate x by h, even rounds h by x (Melis et al., eq. 1-2).
+        if i % 2:
+            xm = 2 * sigmoid(project(hm, f"q{i}")) * xm
+        else:
+            hm = 2 * sigmoid(project(xm, f"r{i}")) * hm
+    gates = xm @ p["input"]["kernel"] + p["input"]["bias"] + hm @ p["recurrent"]["kernel"]
+    i, f, g, o = np.split(gates, 4, axis=-1)
+    c_want = sigmoid(f) * c0 + sigmoid(i) * np.tanh(g)
+    h_want = sigmoid(o) * np.tanh(c_want)
+    np.testing.assert_allclose(c, c_want, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(h, h_want, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(y, h_want, rtol=1e-5, atol=1e-6)
+    counted = sum(np.size(a) for a in jax.tree.leaves(params) if np.ndim(a) == 2)
+    assert cell.flops_per_step(4) == 2 * counted  # Every kernel used once per step.

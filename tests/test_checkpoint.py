@@ -51,10 +51,10 @@ def _stop_after(config, step, devices):
     """Run `config` but stop (and checkpoint) after `step`, as SIGTERM would."""
     import signal
 
-    from lstm_jax import train
+    from lstm_jax.data import Batcher
 
     calls = {"n": 0}
-    original = train.Batcher.batch
+    original = Batcher.batch
 
     def batch_then_signal(self, k, rows=slice(None)):
         calls["n"] += 1
@@ -62,11 +62,11 @@ def _stop_after(config, step, devices):
             signal.raise_signal(signal.SIGTERM)
         return original(self, k, rows)
 
-    train.Batcher.batch = batch_then_signal
+    Batcher.batch = batch_then_signal
     try:
         result = train_and_evaluate(config, devices=devices)
     finally:
-        train.Batcher.batch = original
+        Batcher.batch = original
     assert result.stopped_early and result.step == step
     return result
 

@@ -143,11 +143,12 @@ def test_sample_every_logs_a_sample_at_each_multiple_below_the_last_step(small_t
 def test_num_epochs_trains_the_ceiling_of_epochs_times_steps_per_epoch(
     small_text, small_text_path, tmp_path
 ):
-    # The batching's closed form, from the text alone: validation is the last 10% (rounded),
-    # the rest is cut into 8 streams leaving room for a 16-character offset, and each step
-    # reads 16 characters (+1 target) of every stream.
-    seq_len, global_batch, val_fraction, epochs = 16, 8, 0.1, 1.5
-    train_len = len(small_text) - round(len(small_text) * val_fraction)
+    # The batching's closed form, from the text alone: test is the last 10% and validation
+    # the 5% before it (each rounded), the rest is cut into 8 streams leaving room for a
+    # 16-character offset, and each step reads 16 characters (+1 target) of every stream.
+    seq_len, global_batch, epochs = 16, 8, 1.33
+    n = len(small_text)
+    train_len = n - round(n * 0.1) - round(n * 0.05)
     stream_len = (train_len - seq_len) // global_batch
     steps_per_epoch = (stream_len - 1) // seq_len
     expected = math.ceil(epochs * steps_per_epoch)
@@ -178,6 +179,10 @@ BAD_INPUTS = [
     ("dropout 1.5", ["--dropout=1.5"], 2, "--dropout"),
     ("zero batch", ["--global_batch=0"], 2, "--global_batch"),
     ("val_fraction 0", ["--val_fraction=0"], 2, "--val_fraction"),
+    ("no training text", ["--val_fraction=0.5", "--test_fraction=0.5"], 2, "no training text"),
+    ("negative test_fraction", ["--test_fraction=-0.1"], 2, "--test_fraction"),
+    ("weight_drop 1", ["--weight_drop=1"], 2, "--weight_drop"),
+    ("ema_decay 1", ["--ema_decay=1"], 2, "--ema_decay"),
     ("unknown schedule", ["--schedule=linear"], 1, "--schedule=linear: value should be one of"),
     ("seq_len > validation", ["--seq_len=2000", "--global_batch=1"], 2, "--seq_len"),
     ("sampling-only flag", ["--top_k=5"], 1, "Unknown command line flag 'top_k'"),

@@ -48,7 +48,8 @@ def test_v0_checkpoint_validation_loss_equals_a_direct_pass_with_its_parameters(
     abstract = jax.eval_shape(lambda: init_params(model, jax.random.key(0)))
     params = checkpoints.restore_params(40, abstract_like(abstract))
     text, _ = load_corpus(DataConfig(data_path=str(CORPUS)))
-    _, val_ids = split(vocab.encode(text), meta["settings"]["val_fraction"])
+    # Before --test_fraction, validation was the end of the text.
+    val_ids = split(vocab.encode(text), meta["settings"]["val_fraction"]).val
     want = stream_loss(model, params, val_ids, num_streams=8, seq_len=16)
     np.testing.assert_allclose(meta["val_loss"], want, rtol=2e-6)
 
@@ -61,6 +62,7 @@ def test_v0_checkpoint_resumes_to_the_loss_that_code_reached(tmp_path):
         f"--flagfile={workdir / 'flags.txt'}",
         f"--workdir={workdir}",
         f"--data_path={CORPUS}",
+        "--test_fraction=0",  # Its split: from before the test part, which the resume must keep.
         "--num_steps=44",
     )
     assert result.returncode == 0, result.stderr[-3000:]

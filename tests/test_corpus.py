@@ -17,7 +17,7 @@ from subprocesses import ROOT, run_module
 
 from lstm_jax import books, corpus, data
 from lstm_jax.config import DataConfig
-from lstm_jax.data import Vocab, load_corpus, load_documents, load_split, split
+from lstm_jax.data import Vocab, load_corpus, load_documents, load_split
 from lstm_jax.errors import UserError
 
 # The body of Project Gutenberg #345 between its START and END lines, as strip_gutenberg cuts it.
@@ -79,8 +79,10 @@ def test_no_path_trains_on_the_bundled_book_with_no_network(monkeypatch, tmp_pat
         == f"Dracula (Project Gutenberg #345, bundled with lstm_jax): {DRACULA_CHARS:,} characters"
     )
     assert not (tmp_path / "cache").exists()
-    vocab, train_ids, val_ids, _ = load_split(config)
-    assert len(train_ids) == 761_330 and len(val_ids) == 84_592  # As every earlier run had.
+    _, parts, _ = load_split(config)
+    # The test part is the validation text of every run before --test_fraction.
+    assert len(parts.test) == 84_592 and len(parts.val) == 42_296
+    assert len(parts.train) == DRACULA_CHARS - 84_592 - 42_296
 
 
 def test_every_wheel_ships_the_bundled_book():
@@ -163,28 +165,33 @@ def test_an_encoding_error_names_the_file_and_the_offset(tmp_path):
 # --- The split of several documents -----------------------------------------------------------
 
 
-def test_each_document_gives_its_own_last_fraction_to_validation(tmp_path):
+def test_each_document_gives_its_own_last_fractions_to_validation_and_test(tmp_path):
     first, second = "abcdefghij" * 10, "ABCDEFGHIJ" * 30  # 100 and 300 characters.
     folder = _files(tmp_path, {"1.txt": first, "2.txt": second})
-    vocab, train_ids, val_ids, _ = load_split(DataConfig(data_path=str(folder), val_fraction=0.1))
+    config = DataConfig(data_path=str(folder), val_fraction=0.1, test_fraction=0.2)
+    vocab, parts, _ = load_split(config)
     assert vocab == Vocab.from_text(first + "\n\n" + second)
-    assert vocab.decode(train_ids) == first[:90] + "\n\n" + second[:270]
-    assert vocab.decode(val_ids) == first[90:] + "\n\n" + second[270:]
+    assert vocab.decode(parts.train) == first[:70] + "\n\n" + second[:210]
+    assert vocab.decode(parts.val) == first[70:80] + "\n\n" + second[210:240]
+    assert vocab.decode(parts.test) == first[80:] + "\n\n" + second[240:]
 
 
-def test_one_document_splits_exactly_as_before(small_text, small_text_path):
-    vocab, train_ids, val_ids, _ = load_split(DataConfig(data_path=str(small_text_path)))
+def test_one_document_splits_by_position(small_text, small_text_path):
+    vocab, parts, _ = load_split(DataConfig(data_path=str(small_text_path)))
     assert vocab == Vocab.from_text(small_text)
-    before = split(vocab.encode(small_text), 0.1)
-    np.testing.assert_array_equal(train_ids, before[0])
-    np.testing.assert_array_equal(val_ids, before[1])
+    ids, n = vocab.encode(small_text), len(small_text)
+    num_test, num_val = round(0.1 * n), round(0.05 * n)
+    np.testing.assert_array_equal(parts.test, ids[n - num_test :])
+    np.testing.assert_array_equal(parts.val, ids[n - num_test - num_val : n - num_test])
+    np.testing.assert_array_equal(parts.train, ids[: n - num_test - num_val])
 
 
 def test_documents_too_short_to_give_validation_give_none():
     sep = np.array([-1])
-    train, val = data.split_documents([np.arange(3), np.arange(10, 40)], 0.1, sep)
-    np.testing.assert_array_equal(train, [0, 1, 2, -1, *range(10, 37)])
-    np.testing.assert_array_equal(val, [37, 38, 39])  # The first gave nothing: no separator.
+    parts = data.split_documents([np.arange(3), np.arange(10, 40)], 0.1, separator=sep)
+    np.testing.assert_array_equal(parts.train, [0, 1, 2, -1, *range(10, 37)])
+    np.testing.assert_array_equal(parts.val, [37, 38, 39])  # The first gave nothing: no separator.
+    assert len(parts.test) == 0
 
 
 # --- Encoding ---------------------------------------------------------------------------------
@@ -281,6 +288,7 @@ def test_a_folder_of_two_files_trains_end_to_end_with_counts_per_file(tmp_path, 
         f"2 files joined by two newlines, {one + 2 + two:,} characters ({folder / 'one.txt'}: "
         f"{one:,}; {folder / 'two.txt'}: {two:,};"
     ) in result.stderr
-    val = round(one * 0.1) + 2 + round(two * 0.1)
-    assert f"validation {val:,} characters" in result.stderr
+    val = round(one * 0.05) + 2 + round(two * 0.05)
+    test = round(one * 0.1) + 2 + round(two * 0.1)
+    assert f"validation {val:,} / test {test:,} characters" in result.stderr
     assert "Finished 4 steps; sample:" in result.stderr

@@ -208,15 +208,18 @@ def test_vocab_unknown_lists_unseen_chars_in_order_of_first_appearance():
 
 
 @pytest.mark.parametrize(
-    "length, fraction", [(1000, 0.1), (1001, 0.1), (999, 0.1), (997, 0.25), (10, 0.5)]
+    "length, val_fraction, test_fraction",
+    [(1000, 0.1, 0.0), (1001, 0.1, 0.1), (999, 0.05, 0.1), (997, 0.25, 0.3), (10, 0.5, 0.2)],
 )
-def test_split_validation_is_the_tail_and_train_the_rest(length, fraction):
+def test_split_is_train_then_validation_then_test_without_overlap(
+    length, val_fraction, test_fraction
+):
     ids = np.arange(length)
-    train, val = split(ids, fraction)
-    assert len(val) == round(length * fraction)
-    np.testing.assert_array_equal(np.concatenate([train, val]), ids)
-    np.testing.assert_array_equal(val, ids[length - len(val) :])
-    assert not set(train.tolist()) & set(val.tolist())
+    parts = split(ids, val_fraction, test_fraction)
+    assert len(parts.val) == round(length * val_fraction)
+    assert len(parts.test) == round(length * test_fraction)
+    np.testing.assert_array_equal(np.concatenate([parts.train, parts.val, parts.test]), ids)
+    np.testing.assert_array_equal(parts.test, ids[length - len(parts.test) :])
 
 
 # --- Batcher --------------------------------------------------------------------------------

@@ -9,6 +9,7 @@ from subprocesses import run_module
 from lstm_jax.checkpoint import Checkpoints
 from lstm_jax.config import Config
 from lstm_jax.models import build_model, count_params, init_params
+from lstm_jax.steps import bits_per_char
 from lstm_jax.train import train_and_evaluate
 
 
@@ -28,11 +29,11 @@ def trained(tmp_path_factory, small_text):
     best = checkpoints.best_step()
     checkpoints.close()
     assert sorted(metas) == [4, 8]
-    return config, metas, best, result.vocab.size
+    return config, metas, best, result.vocab.size, result.test_loss
 
 
 def test_info_lists_every_checkpoint_then_the_model_and_its_size(trained):
-    config, metas, best, vocab_size = trained
+    config, metas, best, vocab_size, test_loss = trained
     before = sorted(Path(config.loop.workdir).rglob("*"))
     result = run_module("lstm_jax.info", config.loop.workdir)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -42,7 +43,9 @@ def test_info_lists_every_checkpoint_then_the_model_and_its_size(trained):
     for step, line in rows.items():
         marker, _, val_bpc, test_bpc, _ = line[0], *line[1:].split()
         assert marker == ("*" if step == best else " "), line
-        assert val_bpc == f"{metas[step]['val_bpc']:.4f}" and test_bpc == "-", line
+        assert val_bpc == f"{metas[step]['val_bpc']:.4f}", line
+        # The finished run tested its best checkpoint, and only that one.
+        assert test_bpc == (f"{bits_per_char(test_loss):.4f}" if step == best else "-"), line
     expected = count_params(init_params(build_model(config, vocab_size), jax.random.key(0)))
     assert f"parameters: {expected:,}" in lines
     assert f"vocabulary: {vocab_size} characters" in lines

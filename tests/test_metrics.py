@@ -63,7 +63,12 @@ def test_metrics_jsonl_has_every_field_of_every_record(resumed_run):
     starts = [r for r in records if "parameters" in r]
     train = [r for r in records if "train_loss" in r]
     val = [r for r in records if "val_loss" in r]
-    assert len(starts) + len(train) + len(val) == len(records)
+    tests = [r for r in records if "test_loss" in r]
+    assert len(starts) + len(train) + len(val) + len(tests) == len(records)
+    # Each finished run (the first, then the resumed one) tests its best checkpoint once.
+    assert len(tests) == 2
+    for record in tests:
+        assert set(record) == {"time", "step", "test_loss", "test_bpc", "test_of"}
     assert [r["step"] for r in starts] == [0, 8]  # The resume announces where it starts.
     model = build_model(config, Vocab.from_text(load_corpus(config.data)[0]).size)
     for start in starts:

@@ -35,7 +35,7 @@ def test_validation_loss_equals_a_direct_pass_over_each_stream(tiny_config):
 
     text, _ = load_corpus(config.data)
     vocab = Vocab.from_text(text)
-    _, val_ids = split(vocab.encode(text), config.data.val_fraction)
+    val_ids = split(vocab.encode(text), config.data.val_fraction, config.data.test_fraction).val
     num_targets = len(val_ids) - 1
     # Streams are whole chunks long, so only the end of the text is padded.
     chunks = math.ceil(math.ceil(num_targets / config.data.global_batch) / config.data.seq_len)
@@ -222,7 +222,8 @@ def test_the_loop_resets_the_carry_exactly_at_epoch_starts(tiny_config, monkeypa
         global_batch=64, seq_len=64, num_steps=8, carry_state=carry_state, dropout=0.0
     )
     text, _ = load_corpus(config.data)
-    train_len = len(text) - round(len(text) * config.data.val_fraction)
+    n, data = len(text), config.data
+    train_len = n - round(n * data.val_fraction) - round(n * data.test_fraction)
     stream_len = (train_len - config.data.seq_len) // config.data.global_batch
     steps_per_epoch = (stream_len - 1) // config.data.seq_len
     assert steps_per_epoch == 3

@@ -55,6 +55,7 @@ def _table_rows(stdout: str) -> list[list[str]]:
         " steps ",
         " wall time ",
         " best val bpc ",
+        " test bpc ",
         " chars/s ",
     ]
     return [[cell.strip() for cell in line.split("|")[1:-1]] for line in lines[2:]]
@@ -83,12 +84,15 @@ def test_report_table_matches_the_metrics_files_and_curves_png_is_an_image(two_r
         last_train = [r for r in records if "train_loss" in r][-1]
         val_bpcs = [r["val_bpc"] for r in records if "val_bpc" in r]
         assert len(val_bpcs) == 3
-        name, row_cell, parameters, steps, wall, best, chars = row
+        name, row_cell, parameters, steps, wall, best, test, chars = row
         assert (name, row_cell) == (workdir.name, cell)
         assert int(parameters.replace(",", "")) == start["parameters"]
-        assert int(steps) == 12 == records[-1]["step"]
-        assert abs(_seconds(wall) - records[-1]["wall_seconds"]) <= 0.5
+        timed = [r for r in records if "wall_seconds" in r]
+        assert int(steps) == 12 == timed[-1]["step"]
+        assert abs(_seconds(wall) - timed[-1]["wall_seconds"]) <= 0.5
         assert float(best) == pytest.approx(min(val_bpcs), abs=5e-5)
+        (test_record,) = [r for r in records if "test_bpc" in r]  # The finished run's test.
+        assert float(test) == pytest.approx(test_record["test_bpc"], abs=5e-5)
         throughput = 12 * start["chars_per_step"] / last_train["train_seconds"]
         assert int(chars.replace(",", "")) == pytest.approx(throughput, abs=0.5)
     if not has_matplotlib:

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from lstm_jax.cells import gru, lstm, lstm_ln, minlstm, slstm
+from lstm_jax.cells import gru, lstm, lstm_ln, minlstm, mogrifier, slstm
 from lstm_jax.cells.base import Carry, Cell
 
 CELLS: dict[str, type[Cell]] = {
@@ -31,6 +31,7 @@ CELLS: dict[str, type[Cell]] = {
     "lstm_ln": lstm_ln.LayerNormLSTM,
     "slstm": slstm.SLSTM,
     "minlstm": minlstm.MinLSTM,
+    "mogrifier": mogrifier.Mogrifier,
 }
 
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, ClassVar
 
 import flax.linen as nn
 import jax
@@ -36,9 +36,24 @@ class Cell(nn.Module):
       layers for the model's FLOPs per character. Call it on an unbound cell, like
       `init_carry`, so decorate it with `nn.nowrap` too.
 
+    Two class-level hooks, both optional:
+
+    - `recurrent_kernels`: paths (`"name/kernel"`) of the hidden-to-hidden kernels among the
+      cell's parameters, which `--weight_drop` drops (DropConnect). Empty: the cell has none
+      (minLSTM), and `--weight_drop` is refused for it.
+    - `options(model_config) -> dict`: the cell's own fields from the model settings (the
+      Mogrifier's rounds and rank); the model passes them when it builds the cell.
+
     `__call__` is not declared here, so that a subclass can take it from a Flax cell by
     multiple inheritance (`class LSTM(Cell, nn.OptimizedLSTMCell)`).
     """
+
+    recurrent_kernels: ClassVar[tuple[str, ...]] = ()
+
+    @classmethod
+    def options(cls, config: Any) -> dict[str, Any]:
+        """The cell's own fields, from a `ModelConfig`; most cells have none."""
+        return {}
 
     @nn.nowrap
     def init_carry(self, batch_size: int) -> Carry:

@@ -6,6 +6,8 @@ LSTM's recurrent parameters; widen it (`--hidden`) to compare at equal size.
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -15,6 +17,8 @@ from lstm_jax.cells.base import Cell
 
 class GRU(Cell, nn.GRUCell):
     """Carry: h [batch, features]."""
+
+    recurrent_kernels: ClassVar[tuple[str, ...]] = ("hr/kernel", "hz/kernel", "hn/kernel")
 
     @nn.nowrap
     def init_carry(self, batch_size: int) -> jax.Array:

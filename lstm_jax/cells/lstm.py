@@ -7,6 +7,8 @@ the ones written before the cell registry existed still load.
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -16,6 +18,13 @@ from lstm_jax.cells.base import Cell
 
 class LSTM(Cell, nn.OptimizedLSTMCell):
     """Carry: (c, h), each [batch, features]."""
+
+    recurrent_kernels: ClassVar[tuple[str, ...]] = (
+        "hi/kernel",
+        "hf/kernel",
+        "hg/kernel",
+        "ho/kernel",
+    )
 
     @nn.nowrap
     def init_carry(self, batch_size: int) -> tuple[jax.Array, jax.Array]:

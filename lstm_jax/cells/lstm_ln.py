@@ -13,6 +13,8 @@ so a step does not depend on the other sequences in the batch.
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -22,6 +24,8 @@ from lstm_jax.cells.base import Cell
 
 class LayerNormLSTM(Cell):
     """Carry: (c, h), each [batch, features]."""
+
+    recurrent_kernels: ClassVar[tuple[str, ...]] = ("recurrent/kernel",)
 
     features: int
 

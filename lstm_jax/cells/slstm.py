@@ -19,6 +19,8 @@ around it; add them as layers around the cell to study them.
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -30,6 +32,8 @@ SLSTMCarry = tuple[jax.Array, jax.Array, jax.Array, jax.Array]  # (c, n, m, h)
 
 class SLSTM(Cell):
     """Carry: (c, n, m, h), each [batch, features]: cell, normaliser, stabiliser, output."""
+
+    recurrent_kernels: ClassVar[tuple[str, ...]] = ("recurrent/kernel",)
 
     features: int
 
