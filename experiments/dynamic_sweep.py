@@ -13,6 +13,7 @@ from `python -m lstm_jax.evaluate --workdir=W --dynamic --dynamic_lr=LR --dynami
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import time
 
 from lstm_jax.checkpoint import restore_model as restore
@@ -30,10 +31,17 @@ def main() -> None:
     parser.add_argument("--decays", default="0,0.002,0.01")
     parser.add_argument("--segment", type=int, default=50)
     parser.add_argument("--stat_batches", type=int, default=40)
+    parser.add_argument("--val_fraction", type=float, help="Override the run's (see below).")
+    parser.add_argument("--test_fraction", type=float)
     args = parser.parse_args()
 
     model, params, vocab, step, meta = restore(args.workdir, args.checkpoint)
-    data = run_data_config(meta)
+    # A run trained before --test_fraction with --val_fraction=0.15 trained on exactly the text
+    # that 0.05 / 0.1 leave for training: override its split to score it on today's.
+    overrides = {k: getattr(args, k) for k in ("val_fraction", "test_fraction")}
+    data = dataclasses.replace(
+        run_data_config(meta), **{k: v for k, v in overrides.items() if v is not None}
+    )
     _, split, _ = load_split(data, lambda _: vocab)
     started = time.perf_counter()
     batcher = Batcher(split.train, data.seq_len, data.global_batch, data.seed, data.carry_state)

@@ -45,7 +45,9 @@ class TrainedModel:
     def __init__(self, model: CharLSTM, params: Any, vocab: Vocab, step: int, meta: dict):
         self.model, self.params, self.vocab, self.step = model, params, vocab, step
         self.config: ModelConfig = model.config
-        self.val_bpc = float(meta.get("val_bpc", math.nan))
+        # The checkpoint's model: its parameters, or their average where that was better.
+        self.val_bpc = float(meta.get("selected_val_loss", meta.get("val_loss", math.nan)))
+        self.val_bpc /= math.log(2)
         self._eval_step = jax.jit(functools.partial(steps.eval_step, apply_fn=model.apply))
 
     def __repr__(self) -> str:

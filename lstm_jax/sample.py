@@ -11,6 +11,7 @@ follow when it is done), and is the same text, character for character, as in on
 from __future__ import annotations
 
 import dataclasses
+import math
 import sys
 from pathlib import Path
 
@@ -97,10 +98,9 @@ def main(argv: list[str]) -> None:
             unknown=options.unknown,
             stop=options.stop,
         )
-        print(
-            f"# step {step}, validation {meta.get('val_bpc', float('nan')):.3f} bpc",
-            file=sys.stderr,
-        )
+        val_loss = meta.get("selected_val_loss", meta.get("val_loss", float("nan")))
+        which = ", EMA parameters" if meta.get("selected") == "ema_params" else ""
+        print(f"# step {step}, validation {val_loss / math.log(2):.3f} bpc{which}", file=sys.stderr)
         print_as_generated(pieces, prompt, options.num_samples)
 
 

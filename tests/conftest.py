@@ -17,7 +17,9 @@ os.environ["XLA_FLAGS"] = (
 # writes a cache entry in place, not atomically, so a reader can meet a half-written entry (two
 # processes of one job, or one killed mid-write) and crash on it: the test process itself does
 # not use the cache, and tests that kill or pair processes start them without it.
-os.environ.setdefault("LSTM_JAX_TEST_COMPILE_CACHE", tempfile.mkdtemp(prefix="lstm_jax_xla_"))
+# Under pytest-xdist (-n 2) every worker gets a cache of its own, for the same reason.
+if os.environ.get("PYTEST_XDIST_WORKER") or "LSTM_JAX_TEST_COMPILE_CACHE" not in os.environ:
+    os.environ["LSTM_JAX_TEST_COMPILE_CACHE"] = tempfile.mkdtemp(prefix="lstm_jax_xla_")
 
 import pytest  # noqa: E402
 
