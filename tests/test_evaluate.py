@@ -45,8 +45,11 @@ def trained(tmp_path_factory, small_text):
     config = Config.create(
         data_path=str(text_path), workdir=str(folder / "run"), embed_dim=8, hidden=16,
         num_layers=1, seq_len=16, global_batch=8, num_steps=18, warmup_steps=2,
-        learning_rate=1e-2, log_every=6, eval_every=6, checkpoint_every=6, keep_checkpoints=5,
-        ema_decay=0.7, dropout=0.0,
+        log_every=6, eval_every=6, checkpoint_every=6, keep_checkpoints=5, ema_decay=0.7,
+        dropout=0.0,
+        # A learning rate high enough for the raw parameters to jump about, so that their
+        # average is the better model (measured: at every checkpoint).
+        learning_rate=0.3, schedule="constant", grad_clip=1.0,
     )  # fmt: skip
     result = train_and_evaluate(config, devices=jax.local_devices()[:2])
     return config, result
@@ -87,6 +90,8 @@ def test_each_checkpoint_is_the_better_of_its_parameters_and_their_average(train
         for a, b in zip(jax.tree.leaves(restored), jax.tree.leaves(chosen), strict=True):
             np.testing.assert_array_equal(a, b)
     assert best == min(selected_losses, key=selected_losses.get)
+    # The average was chosen somewhere, so readers were checked on it.
+    assert "ema_params" in {_meta(workdir, step)["selected"] for step in steps}
     # The average differs from the parameters (it is not a copy).
     _, raw, _ = _checkpoint_model(workdir, 18, "params")
     _, ema, _ = _checkpoint_model(workdir, 18, "ema_params")
