@@ -15,6 +15,7 @@ import logging as pylogging
 import sys
 import textwrap
 from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
 from typing import Any
 
 from absl import app, flags, logging
@@ -147,3 +148,19 @@ def run(main: Callable[[list[str]], None], specs: Sequence[type]) -> None:
 def _quiet_libraries(record) -> bool:
     """Orbax logs every file it writes at INFO; keep only its warnings and errors."""
     return record.levelno >= logging.converter.STANDARD_WARNING or "/orbax/" not in record.pathname
+
+
+def read_utf8_flag(flag: str, path: str) -> str:
+    """The whole text of the UTF-8 file a flag names; every way it can fail is a `UserError`
+    naming the flag."""
+    path = Path(path).expanduser()
+    try:
+        return path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise UserError(f"--{flag}={path} does not exist.") from None
+    except IsADirectoryError:
+        raise UserError(f"--{flag}={path} is a directory, not a file.") from None
+    except UnicodeDecodeError as e:
+        raise UserError(f"--{flag}={path} is not UTF-8 text ({e.reason}).") from None
+    except OSError as e:
+        raise UserError(f"--{flag}={path} cannot be read ({e.strerror}).") from None

@@ -29,6 +29,7 @@ import optax
 
 from lstm_jax.config import setting
 from lstm_jax.data import Batcher, eval_streams
+from lstm_jax.errors import UsageError
 from lstm_jax.models import CharLSTM
 
 
@@ -54,8 +55,7 @@ class DynamicConfig:
     )  # fmt: skip
 
     def check(self) -> None:
-        from lstm_jax.errors import UsageError
-
+        """Raise `UsageError` naming the first impossible setting."""
         for name in ("dynamic_lr", "dynamic_decay", "dynamic_epsilon"):
             value = getattr(self, name)
             if not (np.isfinite(value) and value >= 0):

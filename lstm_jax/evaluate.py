@@ -10,9 +10,8 @@ once, left to right, the state carried through it) and ends with one line,
 training cut it, from the settings saved with the checkpoint; `--dynamic` adapts the weights
 as they read (`lstm_jax.dynamic`).
 
-`evaluate` takes the (mapped) evaluation step as an argument, so another kind of evaluation
-(dynamic evaluation, which adapts the weights as it reads) is another step function passed in
-by the caller, not a change to the loop.
+`evaluate` takes the (mapped) evaluation step as an argument: the training loop passes its
+pmapped step, `score_ids` a jitted one on one device.
 """
 
 from __future__ import annotations
@@ -22,7 +21,6 @@ import functools
 import sys
 import time
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import jax
@@ -178,7 +176,7 @@ def _text_to_score(options: EvaluateOptions, meta: dict, vocab: Vocab) -> tuple[
                 "before it existed); choose another --split or score a file with --text."
             )
         return options.split, ids
-    text = _read_utf8(options.text)
+    text = cli.read_utf8_flag("text", options.text)
     missing = vocab.unknown(text)
     if missing:
         count = sum(text.count(c) for c in missing)
@@ -193,19 +191,6 @@ def _text_to_score(options: EvaluateOptions, meta: dict, vocab: Vocab) -> tuple[
     if len(text) < 2:
         raise UserError(f"{options.text} has fewer than 2 characters to score.")
     return options.text, vocab.encode(text)
-
-
-def _read_utf8(path: str) -> str:
-    try:
-        return Path(path).expanduser().read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise UserError(f"--text={path} does not exist.") from None
-    except IsADirectoryError:
-        raise UserError(f"--text={path} is a directory, not a file.") from None
-    except UnicodeDecodeError as e:
-        raise UserError(f"--text={path} is not UTF-8 text ({e.reason}).") from None
-    except OSError as e:
-        raise UserError(f"--text={path} cannot be read ({e.strerror}).") from None
 
 
 def _dynamic_loss(options, meta, vocab, model, params, ids) -> float:

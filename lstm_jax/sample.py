@@ -13,11 +13,10 @@ from __future__ import annotations
 import dataclasses
 import math
 import sys
-from pathlib import Path
 
 from lstm_jax import cli
 from lstm_jax.config import SampleConfig, section, setting
-from lstm_jax.errors import UsageError, UserError
+from lstm_jax.errors import UsageError
 
 
 @dataclasses.dataclass(frozen=True)
@@ -58,17 +57,7 @@ def read_prompt(options: SampleOptions, stop_given: bool = False) -> str:
         return options.sample.prompt
     if options.sample.prompt:
         raise UsageError("--prompt and --prompt_file both give the prompt; pass only one.")
-    path = Path(options.prompt_file).expanduser()
-    try:
-        return path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise UserError(f"--prompt_file={path} does not exist.") from None
-    except IsADirectoryError:
-        raise UserError(f"--prompt_file={path} is a directory, not a file.") from None
-    except UnicodeDecodeError as e:
-        raise UserError(f"--prompt_file={path} is not UTF-8 text ({e.reason}).") from None
-    except OSError as e:
-        raise UserError(f"--prompt_file={path} cannot be read ({e.strerror}).") from None
+    return cli.read_utf8_flag("prompt_file", options.prompt_file)
 
 
 def main(argv: list[str]) -> None:
