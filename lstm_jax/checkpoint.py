@@ -1,5 +1,5 @@
-"""Checkpoints: a small layer over an Orbax `CheckpointManager` in `WORKDIR/checkpoints`, and
-resuming from them (the newest usable step; damaged ones set aside; other settings refused).
+"""Checkpoints: a small layer over an Orbax `CheckpointManager` in `WORKDIR/checkpoints` (resuming
+a run from them is `lstm_jax.resume`).
 
 Each step holds three items: `state`, the whole `TrainState` (step, parameters, optimizer state,
 dropout key, and whatever fields it gains) restored into an abstract state of the current run;
@@ -20,8 +20,10 @@ Kept: the latest `keep` steps plus the best by validation loss.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
+import math
 import os
 import time
 from pathlib import Path
@@ -34,13 +36,12 @@ from absl import logging
 from etils import epath
 from orbax.checkpoint import checkpoint_managers as policies
 
-from lstm_jax import distributed
-from lstm_jax.config import complete_settings
 from lstm_jax.data import Vocab
-from lstm_jax.errors import UserError
+from lstm_jax.errors import UserError, reason
 from lstm_jax.models import CharLSTM, init_params, model_from_settings
 
 ITEMS = ("state", "carry", "meta")
+META_KEYS = ("vocab", "settings")  # What every reader of a checkpoint's metadata needs.
 LEGACY_ITEMS = ("params", "opt_state")  # The state, as checkpoints before 2026-11 held it.
 
 
@@ -77,17 +78,54 @@ class Checkpoints:
         self._manager = ocp.CheckpointManager(
             self.directory, item_names=ITEMS + LEGACY_ITEMS, options=options
         )
+        self._save_error: UserError | None = None
+        self._partial = self._find_partial_steps(read_only)
 
     # --- Reading ---
 
     def steps(self) -> list[int]:
-        return list(self._manager.all_steps())
+        return [step for step in self._manager.all_steps() if step not in self._partial]
 
     def latest_step(self) -> int | None:
-        return self._manager.latest_step()
+        return max(self.steps(), default=None)
 
     def best_step(self) -> int | None:
-        return self._manager.best_step()
+        best = self._manager.best_step()
+        if best in self._partial:  # Orbax does not know it is incomplete: pick among the rest.
+            best = min(self.steps(), key=self._selected_val_loss, default=None)
+        return best
+
+    def _selected_val_loss(self, step: int) -> float:
+        try:
+            meta = self.read_meta(step)
+        except UnreadableCheckpoint:
+            return math.inf
+        return meta.get("selected_val_loss", meta.get("val_loss", math.inf))
+
+    def _find_partial_steps(self, read_only: bool) -> set[int]:
+        """Steps whose folder lacks some of its items: a process killed while Orbax deleted an
+        old step leaves part of it. Training moves them aside; readers skip them. Both warn."""
+        partial = set()
+        for step in self._manager.all_steps():
+            folder = self.directory / str(step)
+            whole = (folder / "meta" / "metadata").exists() and (
+                all((folder / item / "_METADATA").exists() for item in ("state", "carry"))
+                or all((folder / item / "_METADATA").exists() for item in LEGACY_ITEMS)
+            )
+            if whole:
+                continue
+            if read_only or jax.process_index() != 0:
+                logging.warning("Skipping checkpoint %s: some of its files are missing.", folder)
+                partial.add(step)
+            else:
+                aside = self.set_aside(step)
+                logging.warning(
+                    "Checkpoint %s is incomplete (some of its files are missing, as when a run "
+                    "is killed while an old step is deleted); moved it to %s.",
+                    folder,
+                    aside,
+                )
+        return partial
 
     def resolve(self, which: str) -> int:
         """'latest', 'best' or a step number -> a saved step; a `UserError` lists what exists."""
@@ -118,13 +156,30 @@ class Checkpoints:
         """Move an unreadable step out of the way (renamed, not deleted) so training can go on."""
         stamp = time.strftime("%Y%m%d-%H%M%S")
         aside = self.directory.with_name(f"checkpoints.unreadable-{step}-{stamp}")
-        (self.directory / str(step)).rename(aside)
+        try:
+            (self.directory / str(step)).rename(aside)
+        except OSError as e:
+                raise UserError(
+                f"Checkpoint {self.directory}/{step} is unreadable and cannot be moved aside "
+                f"({reason(e)}); fix the folder's permissions or move it away yourself."
+            ) from None
         self._manager.reload()
         return aside
 
     def read_meta(self, step: int) -> dict[str, Any]:
-        restored = self._manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
-        return restored["meta"]
+        """The step's metadata; an `UnreadableCheckpoint` if it is not whole, valid JSON with the
+        keys every reader needs."""
+        try:
+            restored = self._manager.restore(
+                step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())
+            )
+            meta = restored["meta"]
+        except Exception as e:  # noqa: BLE001 - missing, torn or invalid: all unreadable.
+            raise UnreadableCheckpoint(self, step, f"{type(e).__name__}") from None
+        missing = [key for key in META_KEYS if not isinstance(meta, dict) or key not in meta]
+        if missing:
+            raise UnreadableCheckpoint(self, step, f"no {', '.join(missing)} in its metadata")
+        return meta
 
     def _is_legacy(self, step: int) -> bool:
         return not (self.directory / str(step) / "state").exists()
@@ -204,120 +259,88 @@ class Checkpoints:
     def save(
         self, step: int, *, state: Any, carry: Any, meta: dict[str, Any], val_loss: float
     ) -> None:
-        """Start an asynchronous save; `wait()` before reading it back or exiting."""
-        self._manager.save(
-            step,
-            args=ocp.args.Composite(
-                state=ocp.args.StandardSave(state),
-                carry=ocp.args.StandardSave(carry),
-                meta=ocp.args.JsonSave(meta),
-            ),
-            metrics={"val_loss": float(val_loss)},
-            force=True,
-        )
+        """Start an asynchronous save; `wait()` before reading it back or exiting. A
+        `SaveFailed` if this or the previous save failed."""
+        with self._saving():
+            self._manager.save(
+                step,
+                args=ocp.args.Composite(
+                    state=ocp.args.StandardSave(state),
+                    carry=ocp.args.StandardSave(carry),
+                    meta=ocp.args.JsonSave(meta),
+                ),
+                metrics={"val_loss": float(val_loss)},
+                force=True,
+            )
+
+    def next_resume(self) -> str:
+        """Where a run started now would begin: the newest save that finished."""
+        steps = committed_steps(self.directory)
+        return f"the next run resumes from step {steps[-1]}" if steps else "nothing was saved yet"
+
+    def check_saves(self) -> None:
+        """A `SaveFailed` if a background save has failed since the last check; cheap enough for
+        every step, so a failed save stops the run at the next step, not at the next save."""
+        with self._saving():
+            # Orbax's check also waits for the save's metadata: only ask once the save is done.
+            if not self._manager.is_saving_in_progress():
+                self._manager.check_for_errors()
 
     def wait(self) -> None:
-        self._manager.wait_until_finished()
+        with self._saving():
+            self._manager.wait_until_finished()
 
     def close(self) -> None:
-        self._manager.close()
+        if self._save_error is None:  # After a failure Orbax would re-raise it, or wait on it.
+            self._manager.close()
+
+    @contextlib.contextmanager
+    def _saving(self):
+        """Turn a failed save (raised by Orbax at this call or the next) into one `SaveFailed`."""
+        if self._save_error is not None:
+            raise self._save_error
+        try:
+            yield
+        except Exception as e:  # noqa: BLE001 - any failure to write stops the run the same way.
+            self._save_error = SaveFailed(self, e)
+            raise self._save_error from None
+
+
+class UnreadableCheckpoint(UserError):
+    """A step whose metadata cannot be read (torn, edited, incomplete)."""
+
+    def __init__(self, checkpoints: Checkpoints, step: int, why: str):
+        super().__init__(
+            f"Checkpoint {checkpoints.directory}/{step} is unreadable ({why}); pick another with "
+            f"--checkpoint (saved steps: {checkpoints.steps()})."
+        )
+
+
+class SaveFailed(UserError):
+    """A checkpoint could not be written: the run stops, naming the last safe step."""
+
+    def __init__(self, checkpoints: Checkpoints, error: Exception):
+        safe = committed_steps(checkpoints.directory)
+        last_safe = f"step {safe[-1]}" if safe else "none (nothing was saved yet)"
+        super().__init__(
+            f"Saving a checkpoint in {checkpoints.directory} failed ({reason(error)}); the last "
+            f"safe checkpoint is {last_safe}. Fix the folder (free space, permissions) and run "
+            "the same command again to resume from it."
+        )
+
+
+def committed_steps(directory: epath.Path) -> list[int]:
+    """The steps whose save finished, as the folder shows them (Orbax writes a step under a
+    temporary name and renames it when it is whole)."""
+    try:
+        return sorted(int(p.name) for p in directory.iterdir() if p.name.isdigit())
+    except OSError:
+        return []
 
 
 def abstract_like(tree: Any, sharding: jax.sharding.Sharding | None = None) -> Any:
     """Shapes and dtypes of `tree`, placed with `sharding`: the target for a restore."""
     return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), tree)
-
-
-# --- Resuming --------------------------------------------------------------------------------
-
-
-def open_checkpoints(workdir: epath.Path, *, keep: int, restart: bool, log) -> Checkpoints:
-    """The run's checkpoints; with `restart`, the old ones are first renamed out of the way."""
-    if restart:
-        directory = checkpoint_dir(workdir)
-        if directory.exists() and jax.process_index() == 0:
-            aside = directory.with_name(f"checkpoints.discarded-{time.strftime('%Y%m%d-%H%M%S')}")
-            directory.rename(aside)
-            log(f"--restart: moved the old checkpoints to {aside}.")
-        # No process may list the folder before process 0 has moved it.
-        distributed.barrier("lstm_jax.restart")
-    return Checkpoints(workdir, keep=keep)
-
-
-def settings_mismatch(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
-    keys = sorted(set(saved) | set(current))
-    return [
-        f"{k} {saved.get(k)!r} (saved) vs {current.get(k)!r} (now)"
-        for k in keys
-        if saved.get(k) != current.get(k)
-    ]
-
-
-def restore_latest_usable(
-    checkpoints: Checkpoints,
-    state: Any,
-    sharding: jax.sharding.Sharding,
-    abstract_carry: Any,
-    settings: dict[str, Any],
-    vocab_chars: str,
-) -> tuple[int, Any, Any, dict[str, Any]] | None:
-    """(step, state, carry, meta) of the newest checkpoint that reads back whole, after checking
-    it is this run's model; None when there is none.
-
-    Unfinished saves are removed with a warning; a checkpoint that fails to read (truncated or
-    missing files) is set aside with a warning and the next older one is tried.
-    """
-    for folder in checkpoints.incomplete():
-        logging.warning(
-            "Removing the unfinished save %s (the process died while writing it).", folder
-        )
-        if jax.process_index() == 0:
-            folder.rmtree(missing_ok=True)
-    steps = sorted(checkpoints.steps(), reverse=True)
-    for step in steps:
-        try:
-            meta = checkpoints.read_meta(step)
-        except Exception as e:  # noqa: BLE001 - any failure to read means: not usable.
-            _skip_unreadable(checkpoints, step, e)
-            continue
-        differences = settings_mismatch(complete_settings(meta["settings"]), settings)
-        if meta["vocab"] != vocab_chars:
-            differences.append(
-                f"vocabulary of {len(meta['vocab'])} characters (saved) vs {len(vocab_chars)} (now)"
-            )
-        if differences:
-            raise UserError(
-                f"{checkpoints.directory.parent} holds a run with other settings: "
-                f"{'; '.join(differences)}. Use a new --workdir, or --restart to set the old "
-                "checkpoints aside."
-            )
-        try:
-            return (step, *checkpoints.restore(step, state, sharding, abstract_carry), meta)
-        except Exception as e:  # noqa: BLE001
-            if "structures do not match" in str(e):  # Not damage: another model's tree.
-                raise UserError(
-                    f"Checkpoint {checkpoints.directory}/{step} holds parameters or optimizer "
-                    "state of another shape; use a new --workdir, or --restart to set it aside."
-                ) from None
-            _skip_unreadable(checkpoints, step, e)
-    if steps:
-        raise UserError(
-            f"No checkpoint in {checkpoints.directory} could be read (steps {steps} were set "
-            "aside); pass --restart to train from scratch."
-        )
-    return None
-
-
-def _skip_unreadable(checkpoints: Checkpoints, step: int, error: Exception) -> None:
-    reason = f"{type(error).__name__}: {str(error).splitlines()[0][:200] if str(error) else ''}"
-    aside = checkpoints.set_aside(step) if jax.process_index() == 0 else None
-    logging.warning(
-        "Checkpoint %s/%d is unreadable (%s); moved it to %s and trying an older one.",
-        checkpoints.directory,
-        step,
-        reason,
-        aside,
-    )
 
 
 def _fields_before_ema(state: Any) -> dict[str, Any]:
@@ -337,11 +360,14 @@ def restore_model(
     try:
         step = checkpoints.resolve(str(checkpoint))
         meta = checkpoints.read_meta(step)
-        vocab = Vocab(meta["vocab"])
-        model = model_from_settings(meta["settings"], vocab.size)
-        abstract = jax.eval_shape(functools.partial(init_params, model), jax.random.key(0))
-        sharding = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-        params, _ = checkpoints.restore_model_params(step, abstract_like(abstract, sharding))
+        try:
+            vocab = Vocab(meta["vocab"])
+            model = model_from_settings(meta["settings"], vocab.size)
+            abstract = jax.eval_shape(functools.partial(init_params, model), jax.random.key(0))
+            sharding = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+            params, _ = checkpoints.restore_model_params(step, abstract_like(abstract, sharding))
+        except Exception as e:  # noqa: BLE001 - edited metadata, truncated or missing arrays.
+            raise UnreadableCheckpoint(checkpoints, step, type(e).__name__) from None
     finally:
         checkpoints.close()
     return model, params, vocab, step, meta

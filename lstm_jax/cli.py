@@ -146,8 +146,15 @@ def run(main: Callable[[list[str]], None], specs: Sequence[type]) -> None:
 
 
 def _quiet_libraries(record) -> bool:
-    """Orbax logs every file it writes at INFO; keep only its warnings and errors."""
-    return record.levelno >= logging.converter.STANDARD_WARNING or "/orbax/" not in record.pathname
+    """Orbax logs every file it writes at INFO; keep only its warnings and errors. And a failed
+    save: Orbax reports it from each of its background threads with a traceback; the loop
+    reports it once, as one line that says what failed and which step is safe
+    (`checkpoint.SaveFailed`)."""
+    if "/orbax/" not in record.pathname:
+        return True
+    if record.exc_info and record.levelno >= logging.converter.STANDARD_ERROR:
+        return False
+    return record.levelno >= logging.converter.STANDARD_WARNING
 
 
 def read_utf8_flag(flag: str, path: str) -> str:

@@ -118,3 +118,14 @@ def barrier(name: str) -> None:
         from jax.experimental import multihost_utils
 
         multihost_utils.sync_global_devices(name)
+
+
+def agree(ok: bool) -> bool:
+    """Process 0's verdict, known to every process (a collective: all of them must call it), so
+    that a check made by process 0 alone stops the whole job, not just process 0."""
+    if not is_multiprocess():
+        return ok
+    import numpy as np
+    from jax.experimental import multihost_utils
+
+    return bool(multihost_utils.broadcast_one_to_all(np.int32(ok)))

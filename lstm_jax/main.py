@@ -13,7 +13,7 @@ from __future__ import annotations
 import jax
 from absl import logging
 
-from lstm_jax import checkpoint, cli, corpus, distributed, finetune, train
+from lstm_jax import cli, corpus, distributed, finetune, train
 from lstm_jax.config import Config, ModelConfig
 from lstm_jax.distributed import DistributedOptions
 
@@ -41,11 +41,8 @@ def main(argv: list[str]) -> None:
         if config.init.init_from:  # Refused before anything is written in the workdir.
             config = finetune.prepare(config, cli.given_settings(ModelConfig))
             cli.set_flags(config.model)  # flags.txt holds the checkpoint's model settings.
-        workdir = checkpoint.workdir_path(config.loop.workdir)  # Local or gs://.
-        if jax.process_index() == 0:
-            workdir.mkdir(parents=True, exist_ok=True)
-            (workdir / "flags.txt").write_text(cli.flagfile_text(Config))
-        train.train_and_evaluate(config)
+        # flags.txt is written once the run is accepted (train_and_evaluate checks the workdir).
+        train.train_and_evaluate(config, flagfile=cli.flagfile_text(Config))
 
 
 if __name__ == "__main__":

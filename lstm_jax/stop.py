@@ -1,14 +1,19 @@
 """Stopping a run cleanly: SIGTERM or Ctrl-C ends it after the step in flight, with a save.
 
 A preempted VM gets SIGTERM; a user presses Ctrl-C. Either way the loop finishes its step,
-evaluates, saves, and exits 0, and the same command resumes. In a multi-process job the
-processes agree on the step to stop after through JAX's preemption sync point.
+evaluates, saves, and exits 0, and the same command resumes. A second Ctrl-C ends the process
+at once (exit 130), with one line naming the checkpoint the next run resumes from. In a
+multi-process job the processes agree on the step to stop after through JAX's preemption sync
+point.
 """
 
 from __future__ import annotations
 
+import os
 import signal
+import sys
 import threading
+from collections.abc import Callable
 
 import jax
 from jax.experimental import multihost_utils
@@ -23,8 +28,11 @@ class StopSignal:
     step, whether all processes have agreed on this step as the one to stop after.
     """
 
-    def __init__(self):
+    def __init__(self, on_second_interrupt: Callable[[], str] = lambda: "Stopped at once."):
+        """on_second_interrupt: what a second Ctrl-C does before the process ends at once (it
+        returns the line to print: where the next run resumes from)."""
         self.requested: str | None = None
+        self._on_second_interrupt = on_second_interrupt
         self._previous = {}
         self._multiprocess = jax.process_count() > 1
 
@@ -40,8 +48,10 @@ class StopSignal:
         return self
 
     def _handle(self, signum, frame):
-        if self.requested and signum == signal.SIGINT:
-            raise KeyboardInterrupt  # A second Ctrl-C stops at once.
+        if self.requested and signum == signal.SIGINT:  # A second Ctrl-C stops at once.
+            message = self._on_second_interrupt()
+            os.write(sys.stderr.fileno(), f"error: {message}\n".encode())
+            os._exit(128 + signal.SIGINT)  # No unwinding: a save in flight is abandoned.
         self.requested = signal.Signals(signum).name
 
     def __exit__(self, *exc):

@@ -21,7 +21,6 @@ import numpy as np
 from absl import logging
 
 from lstm_jax import parallel
-from lstm_jax.checkpoint import open_checkpoints, restore_latest_usable, workdir_path
 from lstm_jax.config import Config
 from lstm_jax.data import RunData, Vocab, load_run_data
 from lstm_jax.errors import UsageError, UserError
@@ -30,8 +29,10 @@ from lstm_jax.finetune import init_state, vocab_builder
 from lstm_jax.generate import sample_for_log
 from lstm_jax.metrics import MetricsFile, Timer, bpc_text, every, format_duration, summarise
 from lstm_jax.models import count_params
+from lstm_jax.resume import open_checkpoints, resume_state
 from lstm_jax.steps import bits_per_char, learning_rate_schedule, total_steps
 from lstm_jax.stop import StopSignal
+from lstm_jax.workdir import Claim, claim
 
 
 @dataclasses.dataclass
@@ -75,6 +76,7 @@ class _Run:
     timer: Timer
     checkpoints: Any
     metrics_file: MetricsFile = None
+    held: Claim = None
     num_steps: int = 0
     log: Callable[[str], None] = logging.info
     train_losses: list[float] = dataclasses.field(default_factory=list)
@@ -88,8 +90,14 @@ def train_and_evaluate(
     *,
     devices: Sequence[jax.Device] | None = None,
     log: Callable[[str], None] = logging.info,
+    flagfile: str | None = None,
 ) -> TrainResult:
-    """Train (or resume) the run in `config.loop.workdir`, checkpointing and evaluating."""
+    """Train (or resume) the run in `config.loop.workdir`, checkpointing and evaluating.
+
+    flagfile: the flags that reproduce the run, for `WORKDIR/flags.txt`. Nothing is written in
+    the workdir (that file, metrics, checkpoints) before the settings, the data and the workdir
+    (free, writable, the same model as its checkpoints) have been accepted.
+    """
     # --- Devices and data ---
     devices = list(devices or jax.local_devices())
     if jax.process_count() > 1:
@@ -102,6 +110,7 @@ def train_and_evaluate(
 
     # --- Model and state ---
     model, state = init_state(config, data.vocab, num_steps, log)  # --init_from: its params.
+    checkpoint_bytes = sum(getattr(x, "nbytes", 0) for x in jax.tree.leaves(state))
     state = parallel.replicate(state, devices)
     log(
         f"{data.note}; vocabulary {data.vocab.size}; train {len(data.split.train):,} / "
@@ -111,32 +120,39 @@ def train_and_evaluate(
         f"device(s) ({devices[0].platform}), {jax.process_count()} process(es)"
     )
 
-    # --- Resume ---
-    workdir = workdir_path(config.loop.workdir)
-    checkpoints = open_checkpoints(
-        workdir, keep=config.loop.keep_checkpoints, restart=config.loop.restart, log=log
-    )
-    state, carry, progress, timer = _resume(config, model, state, checkpoints, data, devices, log)
-    metrics_file = MetricsFile(workdir / "metrics.jsonl", tensorboard_dir=workdir, settings=config)
-    run = _Run(config, devices, data, model, state, None, progress, timer, checkpoints)
-    run.metrics_file, run.num_steps, run.log = metrics_file, num_steps, log
-    run.carry = jax.tree.map(lambda c: run.shard(np.asarray(c)), carry)
-    # What `python -m lstm_jax.report` labels the run with; a resumed run drops later records.
-    metrics_file.write(
-        step=int(state.step),
-        cell=config.model.cell,
-        parameters=count_params(state.params),
-        chars_per_step=config.data.global_batch * config.data.seq_len,
-    )
+    # --- The workdir: this run's alone while it runs ---
+    with claim(config.loop.workdir, needed_bytes=checkpoint_bytes) as held:
+        # --- Resume ---
+        checkpoints = open_checkpoints(
+            held.path, keep=config.loop.keep_checkpoints, restart=config.loop.restart, log=log
+        )
+        state, carry, progress, timer = _resume(
+            config, model, state, checkpoints, data, devices, log
+        )
+        if flagfile is not None and jax.process_index() == 0:  # Accepted: now say how to rerun.
+            (held.path / "flags.txt").write_text(flagfile)
+        metrics_file = MetricsFile(
+            held.path / "metrics.jsonl", tensorboard_dir=held.path, settings=config
+        )
+        run = _Run(config, devices, data, model, state, None, progress, timer, checkpoints)
+        run.metrics_file, run.num_steps, run.log, run.held = metrics_file, num_steps, log, held
+        run.carry = jax.tree.map(lambda c: run.shard(np.asarray(c)), carry)
+        # What `python -m lstm_jax.report` labels the run with; a resumed run drops later records.
+        metrics_file.write(
+            step=int(state.step),
+            cell=config.model.cell,
+            parameters=count_params(state.params),
+            chars_per_step=config.data.global_batch * config.data.seq_len,
+        )
 
-    # --- Train ---
-    step, stopped_by = _train(run)
-    checkpoints.wait()
-    _log_end(run, stopped_by, step)
-    if stopped_by is None:  # The test is of a finished run.
-        _record_test(run)
-    checkpoints.close()
-    metrics_file.close()
+        # --- Train ---
+        step, stopped_by = _train(run)
+        checkpoints.wait()
+        _log_end(run, stopped_by, step)
+        if stopped_by is None:  # The test is of a finished run.
+            _record_test(run)
+        checkpoints.close()
+        metrics_file.close()
     return TrainResult(
         step=step,
         params=jax.device_get(run.state.params),
@@ -159,12 +175,13 @@ def _train(run: _Run) -> tuple[int, str | None]:
     zero_eval_carry = jax.tree.map(np.zeros_like, run.carry)
     start_step = step = int(run.state.step)
     window_first_step, pending, stopped_by = step, [], None
-    with StopSignal() as stop:
+    with StopSignal(on_second_interrupt=lambda: _stop_at_once(run)) as stop:
         while step < run.num_steps:
             batch = run.shard(batcher.batch(step, run.data.rows))
             run.state, run.carry, metrics = p_train_step(
                 run.state, batch, run.carry, batcher.starts_new_epoch(step)
             )
+            run.checkpoints.check_saves()  # A failed background save stops the run here.
             pending.append(metrics)
             step += 1
             if step == start_step + 1:
@@ -204,29 +221,12 @@ def _train(run: _Run) -> tuple[int, str | None]:
 def _resume(config, model, state, checkpoints, data: RunData, devices, log):
     """The state, carry (this process's rows, on the host), progress and timer to start from:
     fresh, or those of the newest usable checkpoint."""
-    # Restore targets fit this run's devices, whatever the saving run had: the state is
-    # replicated over every device of the job, the carry is the whole global batch, on the host.
-    whole_carry = model.initialize_carry(config.data.global_batch)
-    abstract_carry = jax.tree.map(lambda c: np.zeros(c.shape, c.dtype), whole_carry)
-    resumed = restore_latest_usable(
-        checkpoints,
-        state,
-        parallel.global_replicated_sharding(devices),
-        abstract_carry,
-        config.run_settings(),
-        data.vocab.chars,
-    )
-    if resumed is None:
-        carry = jax.tree.map(lambda c: np.asarray(c)[data.rows], whole_carry)
+    state, carry, meta = resume_state(checkpoints, config, model, state, data, devices)
+    if meta is None:
         return state, carry, Progress(), Timer()
-    step, restored_state, restored_carry, meta = resumed
-    state = parallel.to_host_local(restored_state, devices)
-    carry = jax.tree.map(lambda c: np.asarray(c)[data.rows], restored_carry)
-    progress = Progress(
-        meta["best_val_loss"], meta["best_step"], meta.get("best_params", "params")
-    )
+    progress = Progress(meta["best_val_loss"], meta["best_step"], meta.get("best_params", "params"))
     timer = Timer(meta.get("wall_seconds", meta["train_seconds"]), meta["train_seconds"])
-    log(f"Resuming from step {step} in {checkpoints.directory}.")
+    log(f"Resuming from step {meta['step']} in {checkpoints.directory}.")
     return state, carry, progress, timer
 
 
@@ -383,6 +383,13 @@ def _sample_for_log(run: _Run, step: int) -> str:
     )
     run.metrics_file.write_text("sample", text, step)
     return text
+
+
+def _stop_at_once(run: _Run) -> str:
+    """Before a second Ctrl-C ends the process: give the workdir back, say where to resume."""
+    run.held.release()
+    resumes = run.checkpoints.next_resume()
+    return f"Stopped at once by a second Ctrl-C (a save in flight is abandoned); {resumes}."
 
 
 def _silent(message: str) -> None:

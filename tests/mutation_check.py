@@ -316,7 +316,7 @@ MUTATIONS: tuple[Mutation, ...] = (
     ),
     Mutation(
         "resume_ignores_carry",
-        "train.py",
+        "resume.py",
         "carry = jax.tree.map(lambda c: np.asarray(c)[data.rows], restored_carry)",
         "carry = jax.tree.map(lambda c: np.zeros_like(np.asarray(c)[data.rows]), restored_carry)",
         (STOP_AND_RESUME, REF),
