@@ -10,10 +10,12 @@ Usage: launch/local.sh N [--dry-run] [lstm_jax.main flags...]
 
 Starts N processes of `python -m lstm_jax.main FLAGS` on this machine, joined into one job
 through JAX's distributed runtime on 127.0.0.1 (CPU devices, gloo collectives). Each process
-gets --coordinator_address, --num_processes and --process_id. Process 0 writes to this
-terminal; the others (warnings and errors only) to LOG_DIR/process-I.log. If one process
-fails, the others are stopped. SIGTERM or Ctrl-C to this script is passed to every process:
-they stop after the same step, save, and exit; running the same command again resumes.
+gets --coordinator_address, --num_processes and --process_id; process 0's coordinator listens
+on 127.0.0.1 only (--coordinator_bind_address), so no other machine can join the job.
+Process 0 writes to this terminal; the others (warnings and errors only) to
+LOG_DIR/process-I.log. If one process fails, the others are stopped. SIGTERM or Ctrl-C to
+this script is passed to every process: they stop after the same step, save, and exit;
+running the same command again resumes.
 
 Options:
   --dry-run   print the commands (with their environment) instead of running them
@@ -77,7 +79,8 @@ process_env=(
 command_for() {
   local id=$1
   command=(env "${process_env[@]}" "$python" -m lstm_jax.main
-    "--coordinator_address=127.0.0.1:$PORT" "--num_processes=$num_processes" "--process_id=$id"
+    "--coordinator_address=127.0.0.1:$PORT" "--coordinator_bind_address=127.0.0.1:$PORT"
+    "--num_processes=$num_processes" "--process_id=$id"
     ${main_flags[@]+"${main_flags[@]}"})
 }
 

@@ -181,6 +181,7 @@ def test_local_sh_dry_run_gives_each_process_its_place_in_the_job():
             "JAX_NUM_CPU_DEVICES=2",
             "JAX_CPU_COLLECTIVES_IMPLEMENTATION=gloo",
             "--coordinator_address=127.0.0.1:12345",
+            "--coordinator_bind_address=127.0.0.1:12345",  # Only this machine can join.
             "--num_processes=3",
             f"--process_id={process_id}",
             "--hidden=32",
