@@ -190,6 +190,62 @@ def test_local_sh_dry_run_gives_each_process_its_place_in_the_job():
         assert ("/tmp/logs/process-" in line) == (process_id > 0)
 
 
+def _local_sh(env: dict[str, str], *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        ["bash", str(LAUNCH / "local.sh"), "2", *args],
+        cwd=ROOT,
+        env={**os.environ, **SAFE_ENV, **env},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
+@pytest.mark.parametrize(
+    "env, message",
+    [
+        ({"DEVICES_PER_PROCESS": "x2"}, "DEVICES_PER_PROCESS must be a positive number"),
+        ({"DEVICES_PER_PROCESS": "0"}, "DEVICES_PER_PROCESS must be a positive number"),
+        ({"DEVICES_PER_PROCESS": "-1"}, "DEVICES_PER_PROCESS must be a positive number"),
+        ({"PORT": "0"}, "PORT must be a port number in 1..65535, got '0'"),
+        ({"PORT": "65536"}, "PORT must be a port number in 1..65535"),
+        ({"PORT": "80a"}, "PORT must be a port number in 1..65535"),
+        ({"PYTHON": "/no/such/python3"}, "PYTHON must be an interpreter"),
+        ({"PYTHON": "no-such-python3"}, "PYTHON must be an interpreter"),
+        ({"LOG_DIR": "/etc/hostname/logs"}, "LOG_DIR must be a folder this script can create"),
+    ],
+)
+@pytest.mark.parametrize("dry_run", [True, False], ids=["dry-run", "run"])
+def test_local_sh_refuses_a_bad_environment_in_one_line_before_starting(
+    env, message, dry_run, tmp_path
+):
+    if "LOG_DIR" in env and not os.path.isfile("/etc/hostname"):
+        pytest.skip("needs a file at /etc/hostname to stand for a folder")
+    # A PORT, so that nothing (not even the free-port probe) runs Python before the checks; a
+    # tiny run in tmp_path, should a check fail to stop it.
+    args = ["--dry-run"] if dry_run else [f"--workdir={tmp_path}", "--num_steps=1"]
+    result = _local_sh({"PORT": "12345", **env}, *args)
+    assert result.returncode == 2, result.stderr
+    (line,) = result.stderr.splitlines()
+    assert line.startswith("local.sh: ") and message in line
+    assert result.stdout == ""
+
+
+def test_local_sh_refuses_a_log_dir_it_cannot_create(tmp_path):
+    if not os.path.isdir("/proc/self"):
+        pytest.skip("uses /proc, where no one (root included) can create a folder")
+    result = _local_sh({"PORT": "12345", "LOG_DIR": "/proc/lstm_jax_logs"})
+    assert result.returncode == 2 and result.stdout == ""
+    assert result.stderr == (
+        "local.sh: LOG_DIR must be a folder this script can create or write to, "
+        "got '/proc/lstm_jax_logs'\n"
+    )
+    # A folder to be created under a writable one is fine: the dry run goes through.
+    result = _local_sh({"LOG_DIR": str(tmp_path / "new" / "logs")}, "--dry-run")
+    assert result.returncode == 0, result.stderr
+    assert not (tmp_path / "new").exists()  # A dry run creates nothing.
+
+
 @pytest.mark.parametrize("script", SCRIPTS, ids=lambda p: p.name)
 def test_scripts_have_help(script):
     out = _script(str(script), "--help").stdout
