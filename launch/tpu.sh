@@ -12,7 +12,9 @@ Commands:
   create     request the slice as a queued resource and wait until it is ACTIVE
   setup      copy this checkout to every host and install it (Python 3.11 venv, jax[tpu], gcsfs)
   run        run `python -m lstm_jax.main FLAGS --workdir=WORKDIR` on every host (--worker=all);
-             streams the log (process 0 speaks; the other hosts print warnings only)
+             streams the log (process 0 speaks; the other hosts print warnings only). JAX
+             finds the slice's hosts itself; process 0's coordinator listens only on worker
+             0's internal IP (from the metadata server), port --coordinator-port
   logs       follow the training log of one host (--worker, default 0)
   stop       SIGTERM to the training process on every host: all stop after the same step,
              save a checkpoint and exit (run again to resume)
@@ -29,12 +31,16 @@ Options (each may also come from the environment variable in brackets):
   --accelerator-type TYPE  [TPU_ACCELERATOR_TYPE] (default: v4-16, 2 hosts x 4 chips)
   --runtime-version V      TPU VM image [TPU_RUNTIME_VERSION] (default: tpu-ubuntu2204-base,
                            for v4 and v5p; v5e: v2-alpha-tpuv5-lite; v6e: v2-alpha-tpuv6e)
+  --network-tag TAG        (create) network tag of the slice's hosts, for firewall rules
+                           [TPU_NETWORK_TAG] (default: lstm-jax; see docs/tpu.md)
   --spot                   spot capacity: much cheaper, may be preempted at any time
   --on-demand              on-demand capacity (the default)
   --workdir gs://B/PATH    [TPU_WORKDIR] run folder for run/supervise; must be on gs://, which
                            every host reads and writes (checkpoints, metrics.jsonl, flags.txt)
-  --python PYTHON          interpreter for the venv on the hosts [TPU_PYTHON] (default:
-                           python3.11, installed with apt if missing)
+  --python PYTHON          interpreter for the venv on the hosts, python3 or python3.X
+                           [TPU_PYTHON] (default: python3.11, installed with apt if missing)
+  --coordinator-port PORT  (run, supervise) the port of JAX's coordinator on worker 0, 1..65535
+                           [TPU_COORDINATOR_PORT] (default: 8482, JAX's own)
   --detach                 (run) start in the background on every host and return at once
   --worker N               (logs) which host's log to follow (default: 0)
   --max-failures N         (supervise) give up after N failed runs on a live slice (default: 3)
@@ -57,6 +63,8 @@ accelerator_type=${TPU_ACCELERATOR_TYPE:-v4-16}
 runtime_version=${TPU_RUNTIME_VERSION:-tpu-ubuntu2204-base}
 workdir=${TPU_WORKDIR:-}
 remote_python=${TPU_PYTHON:-python3.11}
+coordinator_port=${TPU_COORDINATOR_PORT:-8482}
+network_tag=${TPU_NETWORK_TAG:-lstm-jax}
 spot=false
 detach=false
 dry_run=false
@@ -105,6 +113,8 @@ while [[ $# -gt 0 ]]; do
     --runtime-version) runtime_version=$value ;;
     --workdir) workdir=$value ;;
     --python) remote_python=$value ;;
+    --coordinator-port) coordinator_port=$value ;;
+    --network-tag) network_tag=$value ;;
     --worker) worker=$value ;;
     --max-failures) max_failures=$value ;;
     --poll-seconds) poll_seconds=$value ;;
@@ -122,7 +132,23 @@ for flag in ${main_flags[@]+"${main_flags[@]}"}; do
   # After --, it would reach lstm_jax.main while the commands really run.
   [[ $flag == --dry-run ]] && die "--dry-run goes before --, with the launch options"
 done
+# Options and their environment variables, checked before any gcloud command: one line each.
 [[ $name =~ ^[a-z]([-a-z0-9]*[a-z0-9])?$ ]] || die "--name must be lower-case letters, digits and -"
+[[ $zone =~ ^[a-z]+-[a-z]+[0-9]+-[a-z]$ ]] ||
+  die "--zone must be a zone such as us-central2-b, got '$zone'"
+[[ -z $project || $project =~ ^[a-z][-a-z0-9.:]*[a-z0-9]$ ]] ||
+  die "--project must be a project ID (lower-case letters, digits and -), got '$project'"
+[[ $accelerator_type =~ ^v[0-9][a-z0-9]*-[0-9]+$ ]] ||
+  die "--accelerator-type must be a TPU type such as v4-16 or v5litepod-8, got '$accelerator_type'"
+[[ $runtime_version =~ ^[a-z0-9][-a-z0-9.]*$ ]] ||
+  die "--runtime-version must be a TPU VM image such as tpu-ubuntu2204-base, got '$runtime_version'"
+# Also a word of the hosts' setup script: nothing there but a Python package name.
+[[ $remote_python =~ ^python3(\.[0-9]+)?$ ]] ||
+  die "--python must be python3 or python3.X (an apt package), got '$remote_python'"
+[[ $network_tag =~ ^[a-z]([-a-z0-9]{0,61}[a-z0-9])?$ ]] ||
+  die "--network-tag must be lower-case letters, digits and - (at most 63), got '$network_tag'"
+[[ $coordinator_port =~ ^[1-9][0-9]{0,4}$ && $coordinator_port -le 65535 ]] ||
+  die "--coordinator-port must be a port number in 1..65535, got '$coordinator_port'"
 [[ $worker =~ ^[0-9]+$ ]] || die "--worker must be a host number"
 [[ $max_failures =~ ^[1-9][0-9]*$ ]] || die "--max-failures must be a positive number"
 [[ $poll_seconds =~ ^[1-9][0-9]*$ ]] || die "--poll-seconds must be a positive number"
@@ -199,15 +225,26 @@ setup_script() {
     "$venv/bin/python -c \"import jax, lstm_jax; print(jax.__version__)\""
 }
 
+# The coordinator (process 0, on worker 0) listens on the host's internal IP only, not on every
+# interface as JAX would: the other hosts reach it there (JAX finds worker 0 by that address in
+# the metadata), nothing outside the VPC can. The other hosts ignore the flag. The metadata
+# server, not `hostname -I`, whose first address may be another interface's (docker0).
+# shellcheck disable=SC2016
+internal_ip='$(curl -sf -H Metadata-Flavor:Google http://metadata.google.internal/computeMetadata/v1/instance/network-interfaces/0/ip)'
+
 train_script() {
   local flags
   flags=$(printf ' %q' ${main_flags[@]+"${main_flags[@]}"} "--workdir=$workdir")
-  local train="$venv/bin/python -m lstm_jax.main$flags"
+  # The bind address first: one among the training flags overrides it (absl: the last wins).
+  local train="$venv/bin/python -m lstm_jax.main \"--coordinator_bind_address=\$ip:$coordinator_port\"$flags"
   # A pid file per host lets `stop` reach the process, and stops a second run from starting
   # beside the first (two jobs in one workdir would overwrite each other's checkpoints).
   printf '%s' "if [ -f $pid_file ] && kill -0 \"\$(cat $pid_file)\" 2>/dev/null; then " \
     "echo \"lstm_jax already runs on \$(hostname) (pid \$(cat $pid_file)); " \
-    "launch/tpu.sh stop first\" >&2; exit 1; fi; cd $remote_dir; "
+    "launch/tpu.sh stop first\" >&2; exit 1; fi; cd $remote_dir; " \
+    "ip=$internal_ip; [ -n \"\$ip\" ] || { echo \"\$(hostname): no internal IP from the " \
+    "metadata server; not starting the JAX coordinator on every interface\" >&2; exit 1; }; " \
+    "export JAX_COORDINATOR_PORT=$coordinator_port; "
   if $detach; then
     printf '%s' "nohup $train >>$log_file 2>&1 </dev/null & echo \$! >$pid_file"
   else
@@ -232,7 +269,7 @@ create_slice() {
   $spot && capacity=(--spot)
   run gcloud compute tpus queued-resources create "$name" --node-id="$name" "${location[@]}" \
     --accelerator-type="$accelerator_type" --runtime-version="$runtime_version" \
-    ${capacity[@]+"${capacity[@]}"}
+    --tags="$network_tag" ${capacity[@]+"${capacity[@]}"}
   wait_until_active
 }
 

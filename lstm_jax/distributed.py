@@ -13,6 +13,10 @@ Modes (`--distributed`):
   on    always join: explicit flags, or whatever JAX auto-detects (Cloud TPU, Slurm, Open MPI,
         Kubernetes); failing to join is an error.
   off   never join: one process on the local devices.
+
+Process 0 runs the coordinator, which by JAX's default listens on every interface; whoever
+reaches its port can join the job. `--coordinator_bind_address` narrows that: launch/local.sh
+binds it to 127.0.0.1, launch/tpu.sh to worker 0's internal address.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ from __future__ import annotations
 import dataclasses
 import importlib.util
 import os
+import socket
 
 import jax
 from absl import logging
@@ -48,6 +53,11 @@ class DistributedOptions:
     )
     num_processes: int = setting(0, "Processes in the job, with --coordinator_address. 0: detect.")
     process_id: int = setting(-1, "This process's index in [0, --num_processes). -1: detect.")
+    coordinator_bind_address: str = setting(
+        "",
+        "HOST:PORT that process 0's coordinator listens on, e.g. 127.0.0.1:PORT so that only "
+        "this machine can join. Empty: JAX's default, every interface ([::]:PORT).",
+    )
 
 
 def on_cloud_tpu() -> bool:
@@ -66,6 +76,7 @@ def initialize(options: DistributedOptions = DistributedOptions()) -> bool:
     num_processes, process_id = options.num_processes, options.process_id
     if mode not in MODES:
         raise UsageError(f"--distributed must be one of {', '.join(MODES)}, got {mode!r}.")
+    bind_address = _checked_bind_address(options.coordinator_bind_address)
     explicit = bool(coordinator_address) or num_processes > 0 or process_id >= 0
     if mode == "off":
         if explicit:
@@ -86,11 +97,18 @@ def initialize(options: DistributedOptions = DistributedOptions()) -> bool:
         )
     if mode == "auto" and not explicit and not on_cloud_tpu():
         return False
+    if bind_address:  # JAX crashes (SIGSEGV) where its coordinator cannot listen.
+        _check_can_listen(bind_address, with_port=explicit and process_id == 0)
     try:
         if explicit:
-            jax.distributed.initialize(coordinator_address, num_processes, process_id)
+            jax.distributed.initialize(
+                coordinator_address,
+                num_processes,
+                process_id,
+                coordinator_bind_address=bind_address,
+            )
         else:
-            jax.distributed.initialize()
+            jax.distributed.initialize(coordinator_bind_address=bind_address)
     except ValueError as e:
         if mode == "auto":  # A TPU VM that JAX does not see as part of a slice: run alone.
             logging.warning("Running as a single process: JAX found no TPU slice to join (%s).", e)
@@ -106,6 +124,35 @@ def initialize(options: DistributedOptions = DistributedOptions()) -> bool:
             "--coordinator_address and distinct --process_id values?"
         ) from None
     return True
+
+
+def _checked_bind_address(address: str) -> str | None:
+    """--coordinator_bind_address as JAX takes it: HOST:PORT, or None for JAX's default."""
+    if not address:
+        return None
+    host, _, port = address.rpartition(":")
+    if not host or not port.isdigit() or not 1 <= int(port) <= 65535:
+        raise UsageError(
+            f"--coordinator_bind_address must be HOST:PORT with a port in 1..65535 "
+            f"(e.g. 127.0.0.1:8482), got {address!r}."
+        )
+    return address
+
+
+def _check_can_listen(address: str, with_port: bool) -> None:
+    """Refuse a bind address that is not this machine's (and, for process 0, a port in use)."""
+    host, _, port = address.rpartition(":")
+    try:
+        family, kind, _, _, sockaddr = socket.getaddrinfo(
+            host.strip("[]"), int(port) if with_port else 0, type=socket.SOCK_STREAM
+        )[0]
+        with socket.socket(family, kind) as probe:
+            probe.bind(sockaddr)
+    except OSError as e:
+        raise UserError(
+            f"The coordinator cannot listen on --coordinator_bind_address={address} "
+            f"({e.strerror or e}): give an address of this machine and a free port."
+        ) from None
 
 
 def is_multiprocess() -> bool:

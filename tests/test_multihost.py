@@ -6,11 +6,15 @@ must resume in one process and the reverse. Float sums over devices are reduced 
 order across processes, so parameters agree to ATOL, not bit for bit (measured: about 1e-7).
 """
 
+import ipaddress
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
+import time
+from pathlib import Path
 
 import jax
 import numpy as np
@@ -20,7 +24,7 @@ from subprocesses import ROOT, command_env
 
 from lstm_jax import distributed
 from lstm_jax.checkpoint import Checkpoints, abstract_like
-from lstm_jax.errors import UsageError
+from lstm_jax.errors import UsageError, UserError
 from lstm_jax.models import init_params
 from lstm_jax.train import train_and_evaluate
 
@@ -44,7 +48,7 @@ SETTINGS = {
 }
 
 
-def _local_sh(workdir, text_path, num_steps: int) -> subprocess.Popen:
+def _local_sh(workdir, text_path, num_steps: int, **env: str) -> subprocess.Popen:
     flags = {**SETTINGS, "num_steps": num_steps, "data_path": text_path, "workdir": workdir}
     return subprocess.Popen(
         ["bash", str(ROOT / "launch" / "local.sh"), "2", *(f"--{k}={v}" for k, v in flags.items())],
@@ -55,10 +59,12 @@ def _local_sh(workdir, text_path, num_steps: int) -> subprocess.Popen:
             "PYTHON": sys.executable,
             "LOG_DIR": str(workdir) + ".logs",
             "PYTHONUNBUFFERED": "1",
+            **env,
         },
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
         text=True,
+        start_new_session=True,  # One process group: local.sh and its processes, to kill at once.
     )
 
 
@@ -137,6 +143,40 @@ def test_two_processes_match_one_and_resume_each_other(small_text_path, tmp_path
     assert one_to_two <= ATOL and two_to_one <= ATOL
 
 
+def _listening_addresses(port: int) -> set[str]:
+    """The local addresses of TCP sockets listening on `port`, read from /proc/net/tcp{,6}."""
+    found = set()
+    for name in ("tcp", "tcp6"):
+        for line in Path(f"/proc/net/{name}").read_text().splitlines()[1:]:
+            local, _, state = line.split()[1:4]
+            address, port_hex = local.split(":")
+            if state != "0A" or int(port_hex, 16) != port:  # 0A: LISTEN.
+                continue
+            raw = bytes.fromhex(address)  # 32-bit words, each in host byte order.
+            if sys.byteorder == "little":
+                raw = b"".join(raw[i : i + 4][::-1] for i in range(0, len(raw), 4))
+            ip = ipaddress.ip_address(raw)
+            found.add(str(getattr(ip, "ipv4_mapped", None) or ip))  # [::ffff:127.0.0.1]
+    return found
+
+
+@pytest.mark.skipif(not Path("/proc/net/tcp6").exists(), reason="reads Linux's /proc/net/tcp6")
+def test_local_sh_coordinator_listens_on_127_0_0_1_only(small_text_path, tmp_path):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    process = _local_sh(tmp_path / "run", small_text_path, num_steps=10_000, PORT=str(port))
+    try:
+        deadline, addresses = time.monotonic() + 120, set()
+        while not addresses and process.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.2)
+            addresses = _listening_addresses(port)
+    finally:
+        os.killpg(process.pid, signal.SIGKILL)  # The socket is all this test is about.
+        _, stderr = process.communicate(timeout=60)
+    assert addresses == {"127.0.0.1"}, stderr[-3000:]
+
+
 def test_local_sh_exits_with_the_processes_error(small_text_path, tmp_path):
     result = subprocess.run(
         ["bash", str(ROOT / "launch" / "local.sh"), "2", "--dropout=1.5"],
@@ -162,11 +202,51 @@ def test_local_sh_exits_with_the_processes_error(small_text_path, tmp_path):
         ({"num_processes": 2, "process_id": 0}, "all three"),
         ({"coordinator_address": "h:1", "num_processes": 2, "process_id": 2}, "[0, 2)"),
         ({"distributed": "sometimes"}, "auto, on, off"),
+        ({"coordinator_bind_address": "127.0.0.1"}, "HOST:PORT"),
+        ({"coordinator_bind_address": ":8482"}, "HOST:PORT"),
+        ({"coordinator_bind_address": "127.0.0.1:65536"}, "1..65535"),
     ],
 )
 def test_distributed_flags_that_cannot_form_a_job_are_refused(options, message):
     with pytest.raises(UsageError, match=re.escape(message)):
         distributed.initialize(distributed.DistributedOptions(**options))
+
+
+def test_a_bind_address_the_coordinator_cannot_listen_on_is_one_error_not_a_crash(monkeypatch):
+    """JAX's coordinator segfaults on these; they are refused before it starts."""
+    monkeypatch.setattr(jax.distributed, "initialize", _must_not_be_called)
+    job = {"coordinator_address": "127.0.0.1:1", "num_processes": 2}
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        in_use = f"127.0.0.1:{taken.getsockname()[1]}"
+        for process_id, address, message in [
+            (0, "192.0.2.1:8482", "Cannot assign requested address"),  # Not this machine's.
+            (1, "192.0.2.1:8482", "Cannot assign requested address"),
+            (0, in_use, "Address already in use"),
+        ]:
+            options = distributed.DistributedOptions(
+                **job, process_id=process_id, coordinator_bind_address=address
+            )
+            with pytest.raises(UserError, match=message):
+                distributed.initialize(options)
+
+
+def test_the_bind_address_reaches_jax(monkeypatch):
+    calls = []
+    monkeypatch.setattr(jax.distributed, "initialize", lambda *a, **k: calls.append((a, k)))
+    monkeypatch.setattr(distributed, "on_cloud_tpu", lambda: True)
+    with socket.socket() as s:  # A free port: process 0 checks that it can listen there.
+        s.bind(("127.0.0.1", 0))
+        address = f"127.0.0.1:{s.getsockname()[1]}"
+    job = distributed.DistributedOptions(
+        coordinator_address=address, num_processes=2, process_id=0, coordinator_bind_address=address
+    )
+    assert distributed.initialize(job)
+    # On a Cloud TPU VM, with the job detected by JAX (launch/tpu.sh).
+    assert distributed.initialize(distributed.DistributedOptions(coordinator_bind_address=address))
+    assert distributed.initialize(distributed.DistributedOptions())
+    assert [k["coordinator_bind_address"] for _, k in calls] == [address, address, None]
 
 
 def test_auto_runs_alone_off_a_cloud_tpu(monkeypatch):
