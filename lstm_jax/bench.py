@@ -13,7 +13,7 @@ character are counted from the cells' matmuls (`Cell.flops_per_step`).
 Model, batch and step come from the training flags (`lstm_jax.main`'s), by default with the step
 the PyTorch peer runs (Adam, no dropout). `--flagfile=runs/NAME/flags.txt` (every setting of a
 run) times that run's model and step; the flags that do not change the step, such as --workdir,
-are ignored. Prints a table and writes every number to --json.
+are ignored. Prints a table and writes every number to --json (in a folder that exists).
 """
 
 from __future__ import annotations
@@ -385,12 +385,11 @@ def main(argv: list[str]) -> None:
         cli.refuse_positional_arguments(argv)
         config, options = cli.read_flags(BenchConfig), cli.read_flags(BenchOptions)
         validate(config, options, jax.local_device_count())  # Before loading torch, compiling.
+        json_path = cli.writable_file_flag("json", options.json_path)  # Not after the run.
         peer = load_peer(options.compare) if options.compare else None
         results = run_benchmark(config, options, peer=peer)
-    print(format_table(results))
-    json_path = Path(options.json_path).expanduser()
-    json_path.parent.mkdir(parents=True, exist_ok=True)
-    json_path.write_text(json.dumps(results, indent=2) + "\n")
+        print(format_table(results))
+        cli.write_atomically(json_path, json.dumps(results, indent=2) + "\n")
     logging.info("Wrote %s.", json_path)
 
 

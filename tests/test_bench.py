@@ -10,6 +10,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 import types
 
 import jax
@@ -17,9 +18,10 @@ import jax.numpy as jnp
 import pytest
 from subprocesses import ROOT, command_env, run_module
 
-from lstm_jax import bench
+from lstm_jax import bench, cli
 from lstm_jax.cells import CELLS
 from lstm_jax.config import ModelConfig
+from lstm_jax.errors import UserError
 from lstm_jax.models import forward_flops_per_char
 
 TINY = {
@@ -174,6 +176,54 @@ def test_help_lists_the_training_and_bench_flags_by_section():
         assert f"  {flag}: " in result.stdout
     assert "(default: 'adam')" in result.stdout  # The peer's step, not the training default.
     assert "jax_" not in result.stdout
+
+
+# --- Refused before the run: where the numbers go ---------------------------------------------
+
+
+def _refused_before_the_run(result: subprocess.CompletedProcess, exit_code: int) -> str:
+    """The one error line of a command that stopped before compiling anything."""
+    assert result.returncode == exit_code, result.stderr[-3000:]
+    assert "Traceback" not in result.stderr and "Compiling" not in result.stderr
+    (error,) = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    return error
+
+
+@pytest.mark.parametrize(
+    "where, why",
+    [(".", "is a folder"), ("missing/bench.json", "missing does not exist"),
+     ("file/bench.json", "file is not a folder")],
+)  # fmt: skip
+def test_json_that_cannot_be_written_is_refused_before_the_run(tmp_path, where, why):
+    (tmp_path / "file").write_text("in the way\n")
+    before = sorted(tmp_path.rglob("*"))
+    result = run_module("lstm_jax.bench", *TINY_FLAGS, f"--json={tmp_path / where}", timeout=120)
+    error = _refused_before_the_run(result, exit_code=1)
+    assert error.startswith(f"error: --json={(tmp_path / where).resolve()}") and why in error
+    assert sorted(tmp_path.rglob("*")) == before  # Nothing written, no folder made.
+
+
+def test_json_in_a_folder_that_cannot_be_written_is_a_user_error(tmp_path, monkeypatch):
+    def refuse(**options):  # What a read-only folder does (the tests may run as root).
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(tempfile, "TemporaryFile", refuse)
+    with pytest.raises(UserError, match=r"^--json=.* cannot be written \(Permission denied\)"):
+        cli.writable_file_flag("json", str(tmp_path / "bench.json"))
+
+
+def test_json_is_written_whole_or_not_at_all(tmp_path, monkeypatch):
+    path = tmp_path / "bench.json"
+    cli.write_atomically(path, '{"old": 1}\n')
+    assert path.read_text() == '{"old": 1}\n'
+
+    def fail(source, target):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(os, "replace", fail)
+    with pytest.raises(UserError, match="No space left on device"):
+        cli.write_atomically(path, '{"new": 2}\n')
+    assert path.read_text() == '{"old": 1}\n' and sorted(tmp_path.iterdir()) == [path]
 
 
 # --- FLOPs per character, from the cells --------------------------------------------------------
