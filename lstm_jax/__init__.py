@@ -6,7 +6,7 @@ globs, downloads; `books` ships Dracula), `data` (vocabulary, split, batches),
 (pmap over devices), `distributed` (joining a multi-host job), `checkpoint` (Orbax), `sample`
 (generation), `metrics` (metrics.jsonl, TensorBoard), `records` (reading metrics.jsonl back),
 `report` (comparing runs), `cli` and `main` (command line), `api` (`lstm_jax.load`: a trained
-model from Python), `export` (safetensors), `bench` (speed).
+model from Python), `export` (safetensors), `bench` (speed) and `memory` (sizes that fit).
 """
 
 __all__ = ["load"]

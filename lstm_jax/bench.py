@@ -36,7 +36,7 @@ import numpy as np
 from absl import logging
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from lstm_jax import cli, parallel, steps
+from lstm_jax import cli, memory, parallel, steps
 from lstm_jax.config import Config, OptimConfig, RegularizationConfig, leaf_settings, setting
 from lstm_jax.errors import UsageError, UserError
 from lstm_jax.generate import generate
@@ -95,7 +95,8 @@ class BenchOptions:
 
 
 def validate(config: Config, options: BenchOptions, local_device_count: int) -> None:
-    """Raise `UsageError` naming the first impossible setting; before any compile or import."""
+    """Raise `UsageError` naming the first impossible setting; before any compile or import.
+    Sizes whose rough memory estimate exceeds the machine's RAM are refused (`lstm_jax.memory`)."""
     config.validate()
     for name in ("vocab_size", "windows", "steps_per_window", "generate_length"):
         if getattr(options, name) <= 0:
@@ -112,6 +113,7 @@ def validate(config: Config, options: BenchOptions, local_device_count: int) -> 
             f"--global_batch={batch} does not divide over {num_devices} devices; use a multiple "
             f"of {num_devices} or set --devices."
         )
+    memory.refuse_sizes_beyond_memory(config, options.vocab_size)
     ours = {f.name: value for f, value in leaf_settings(config)}
     differ = [f"--{k}={ours[k]} (peer: {v})" for k, v in PEER_SETTINGS.items() if ours[k] != v]
     differ += [] if config.model.embed_dim else ["--embed_dim=0 (peer: an embedding)"]

@@ -5,6 +5,7 @@ errors); the sizes are far too small for the timings to mean anything. The FLOPs
 counts are checked in-process against the closed form and against XLA's own count.
 """
 
+import functools
 import importlib.util
 import json
 import os
@@ -18,11 +19,11 @@ import jax.numpy as jnp
 import pytest
 from subprocesses import ROOT, command_env, run_module
 
-from lstm_jax import bench, cli
+from lstm_jax import bench, cli, memory
 from lstm_jax.cells import CELLS
 from lstm_jax.config import ModelConfig
 from lstm_jax.errors import UserError
-from lstm_jax.models import forward_flops_per_char
+from lstm_jax.models import build_model, count_params, forward_flops_per_char, init_params
 
 TINY = {
     "hidden": 32,
@@ -178,7 +179,7 @@ def test_help_lists_the_training_and_bench_flags_by_section():
     assert "jax_" not in result.stdout
 
 
-# --- Refused before the run: where the numbers go ---------------------------------------------
+# --- Refused before the run: where the numbers go, sizes beyond memory ---------------------------
 
 
 def _refused_before_the_run(result: subprocess.CompletedProcess, exit_code: int) -> str:
@@ -201,6 +202,31 @@ def test_json_that_cannot_be_written_is_refused_before_the_run(tmp_path, where, 
     error = _refused_before_the_run(result, exit_code=1)
     assert error.startswith(f"error: --json={(tmp_path / where).resolve()}") and why in error
     assert sorted(tmp_path.rglob("*")) == before  # Nothing written, no folder made.
+
+
+@pytest.mark.parametrize(
+    "sizes, lower",
+    [(["--hidden=1000000"], "Lower --hidden or --num_layers"),
+     (["--global_batch=100000", "--seq_len=100000"], "Lower --global_batch or --seq_len")],
+)  # fmt: skip
+def test_sizes_beyond_the_machines_memory_are_refused_before_the_run(tmp_path, sizes, lower):
+    json_path = tmp_path / "bench.json"
+    result = run_module("lstm_jax.bench", f"--json={json_path}", *sizes, timeout=120)
+    error = _refused_before_the_run(result, exit_code=2)
+    assert "more than this machine's" in error and error.endswith(f"{lower}.")
+    assert all(size in error for size in sizes) and not json_path.exists()
+
+
+@pytest.mark.parametrize("cell", sorted(CELLS))
+def test_memory_estimate_counts_the_parameters_of_every_cell(cell):
+    """Weights = parameters x (the parameter, its gradient, 2 Adam moments) x 4 bytes, within 3%
+    (biases and norms are left out); the sizes a bench runs by default fit easily."""
+    config = bench.BenchConfig.create(cell=cell, hidden=128, num_layers=2)
+    model = build_model(config, 96)
+    shapes = jax.eval_shape(functools.partial(init_params, model), jax.random.key(0))
+    weights = memory.training_bytes(config, 96)["weights"]
+    assert weights == pytest.approx(4 * 4 * count_params(shapes), rel=0.03)
+    memory.refuse_sizes_beyond_memory(bench.BenchConfig(), 96)  # No error.
 
 
 def test_json_in_a_folder_that_cannot_be_written_is_a_user_error(tmp_path, monkeypatch):
