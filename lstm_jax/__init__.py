@@ -4,8 +4,9 @@ Modules, one concern each: `config` (the run's settings), `corpus` (the text: fi
 globs, downloads; `books` ships Dracula), `data` (vocabulary, split, batches),
 `models` (the model), `cells` (its recurrent cells, `--cell`), `train` (steps and loop), `parallel`
 (pmap over devices), `distributed` (joining a multi-host job), `checkpoint` (Orbax), `sample`
-(generation), `metrics` (metrics.jsonl, TensorBoard), `report` (comparing runs), `cli` and `main`
-(command line), `api` (`lstm_jax.load`: a trained model from Python), `export` (safetensors).
+(generation), `metrics` (metrics.jsonl, TensorBoard), `records` (reading metrics.jsonl back),
+`report` (comparing runs), `cli` and `main` (command line), `api` (`lstm_jax.load`: a trained
+model from Python), `export` (safetensors), `bench` (speed) and `memory` (sizes that fit).
 """
 
 __all__ = ["load"]

@@ -13,7 +13,7 @@ character are counted from the cells' matmuls (`Cell.flops_per_step`).
 Model, batch and step come from the training flags (`lstm_jax.main`'s), by default with the step
 the PyTorch peer runs (Adam, no dropout). `--flagfile=runs/NAME/flags.txt` (every setting of a
 run) times that run's model and step; the flags that do not change the step, such as --workdir,
-are ignored. Prints a table and writes every number to --json.
+are ignored. Prints a table and writes every number to --json (in a folder that exists).
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ import numpy as np
 from absl import logging
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from lstm_jax import cli, parallel, steps
+from lstm_jax import cli, memory, parallel, steps
 from lstm_jax.config import Config, OptimConfig, RegularizationConfig, leaf_settings, setting
 from lstm_jax.errors import UsageError, UserError
 from lstm_jax.generate import generate
@@ -95,7 +95,8 @@ class BenchOptions:
 
 
 def validate(config: Config, options: BenchOptions, local_device_count: int) -> None:
-    """Raise `UsageError` naming the first impossible setting; before any compile or import."""
+    """Raise `UsageError` naming the first impossible setting; before any compile or import.
+    Sizes whose rough memory estimate exceeds the machine's RAM are refused (`lstm_jax.memory`)."""
     config.validate()
     for name in ("vocab_size", "windows", "steps_per_window", "generate_length"):
         if getattr(options, name) <= 0:
@@ -112,6 +113,7 @@ def validate(config: Config, options: BenchOptions, local_device_count: int) -> 
             f"--global_batch={batch} does not divide over {num_devices} devices; use a multiple "
             f"of {num_devices} or set --devices."
         )
+    memory.refuse_sizes_beyond_memory(config, options.vocab_size)
     ours = {f.name: value for f, value in leaf_settings(config)}
     differ = [f"--{k}={ours[k]} (peer: {v})" for k, v in PEER_SETTINGS.items() if ours[k] != v]
     differ += [] if config.model.embed_dim else ["--embed_dim=0 (peer: an embedding)"]
@@ -385,12 +387,11 @@ def main(argv: list[str]) -> None:
         cli.refuse_positional_arguments(argv)
         config, options = cli.read_flags(BenchConfig), cli.read_flags(BenchOptions)
         validate(config, options, jax.local_device_count())  # Before loading torch, compiling.
+        json_path = cli.writable_file_flag("json", options.json_path)  # Not after the run.
         peer = load_peer(options.compare) if options.compare else None
         results = run_benchmark(config, options, peer=peer)
-    print(format_table(results))
-    json_path = Path(options.json_path).expanduser()
-    json_path.parent.mkdir(parents=True, exist_ok=True)
-    json_path.write_text(json.dumps(results, indent=2) + "\n")
+        print(format_table(results))
+        cli.write_atomically(json_path, json.dumps(results, indent=2) + "\n")
     logging.info("Wrote %s.", json_path)
 
 

@@ -12,7 +12,9 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging as pylogging
+import os
 import sys
+import tempfile
 import textwrap
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
@@ -171,3 +173,34 @@ def read_utf8_flag(flag: str, path: str) -> str:
         raise UserError(f"--{flag}={path} is not UTF-8 text ({e.reason}).") from None
     except OSError as e:
         raise UserError(f"--{flag}={path} cannot be read ({e.strerror}).") from None
+
+
+def writable_file_flag(flag: str, path: str) -> Path:
+    """The file a flag names for output, checked before the work that fills it: a `UserError`
+    naming the flag if it is a folder, or its folder is missing or cannot be written to."""
+    path = Path(path).expanduser()
+    if path.is_dir():
+        raise UserError(f"--{flag}={path} is a folder; give the path of a file (in it, say).")
+    if not path.parent.is_dir():
+        missing = "is not a folder" if path.parent.exists() else "does not exist"
+        raise UserError(f"--{flag}={path}: {path.parent} {missing}; create it or give another.")
+    try:  # Writing there, not os.access: read-only mounts count, and root passes os.access.
+        with tempfile.TemporaryFile(dir=path.parent):
+            pass
+    except OSError as e:
+        message = f"--{flag}={path}: {path.parent} cannot be written ({e.strerror})"
+        raise UserError(f"{message}; give a file in a folder of yours.") from None
+    return path
+
+
+def write_atomically(path: Path, text: str) -> None:
+    """Write `text` to `path` whole or not at all (a file beside it, then renamed over it), so a
+    failure leaves what was there; a `UserError` if it cannot be written."""
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with temporary.open("x", encoding="utf-8") as f:
+            f.write(text)
+        os.replace(temporary, path)
+    except OSError as e:
+        temporary.unlink(missing_ok=True)
+        raise UserError(f"{path} could not be written ({e.strerror}).") from None

@@ -13,9 +13,10 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 import math
 from typing import Any
+
+from absl import logging
 
 from lstm_jax import cli
 from lstm_jax.config import setting
@@ -96,22 +97,19 @@ def _row(step: int, meta: dict[str, Any], test_bpc: float | None, *, best: bool)
 
 def _test_results(workdir: str) -> dict[int, float]:
     """Test bpc by step, from the run's metrics.jsonl (a finished run tests its best checkpoint);
-    unreadable lines are passed over."""
+    unreadable lines are skipped with a warning, an unreadable file with one."""
     from lstm_jax.checkpoint import workdir_path
+    from lstm_jax.records import read_metrics
 
-    try:
-        lines = (workdir_path(workdir) / "metrics.jsonl").read_text().splitlines()
-    except (OSError, UnicodeDecodeError):
+    path = workdir_path(workdir) / "metrics.jsonl"
+    if not path.is_file():  # A copied checkpoint folder may come without it.
         return {}
-    results = {}
-    for line in lines:
-        try:
-            record = json.loads(line)
-        except ValueError:
-            continue
-        if isinstance(record, dict) and isinstance(record.get("test_bpc"), float):
-            results[record.get("step")] = record["test_bpc"]
-    return results
+    try:
+        records = read_metrics(path)
+    except UserError as e:  # The checkpoints are what info shows; test bpc is a bonus.
+        logging.warning("No test results: %s", e)
+        return {}
+    return {r["step"]: r["test_bpc"] for r in records if isinstance(r.get("test_bpc"), float)}
 
 
 def _model_lines(meta: dict[str, Any]) -> list[str]:

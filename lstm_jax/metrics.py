@@ -1,7 +1,9 @@
 """Run metrics as JSON lines in the workdir (`metrics.jsonl`), one object per event.
 
 Written by process 0 only; appended, so a resumed run continues the same file. On `gs://` the
-file is rewritten whole instead, since a cloud object cannot be appended to.
+file is rewritten whole instead, since a cloud object cannot be appended to. A run killed
+mid-write leaves a last line without its "\n"; the run that resumes starts on a fresh line, so
+only the torn line is lost (`lstm_jax.records` reads the file back, skipping such lines).
 
 With `tensorboard_dir`, the numbers also go to TensorBoard event files there, through
 tensorboardX (no TensorFlow), an optional extra: `pip install 'lstm_jax[tensorboard]'`. Without
@@ -37,6 +39,7 @@ class MetricsFile:
         self._appendable = "://" not in str(path)
         self._enabled = jax.process_index() == 0
         self._tensorboard = None
+        self._end_checked = False  # Whether the file's last byte was checked (at the first write).
         if self._enabled and tensorboard_dir is not None:
             self._tensorboard = TensorBoardWriter.open(tensorboard_dir)
         if self._tensorboard is not None and settings is not None:
@@ -47,15 +50,27 @@ class MetricsFile:
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
         record = {"time": time.time(), **values}
-        line = json.dumps(record) + "\n"
+        line = json.dumps(record).encode() + b"\n"
         if self._appendable:
-            with self.path.open("a") as f:
+            if not self._end_checked:
+                self._end_checked = True
+                line = self._new_line_if_torn(_last_byte(self.path)) + line
+            with self.path.open("ab") as f:
                 f.write(line)
         else:  # One write per logging interval; the file stays small (kB per thousand steps).
-            before = self.path.read_text() if self.path.exists() else ""
-            self.path.write_text(before + line)
+            before = self.path.read_bytes() if self.path.exists() else b""
+            self.path.write_bytes(before + self._new_line_if_torn(before[-1:]) + line)
         if self._tensorboard is not None:
             self._tensorboard.write(record)
+
+    def _new_line_if_torn(self, last_byte: bytes) -> bytes:
+        """b"\\n" where the file ends mid-line (a run killed while writing it), else b""."""
+        if last_byte in (b"", b"\n"):
+            return b""
+        logging.warning(
+            "%s ends mid-line (a run was killed writing it); this run starts a new line.", self.path
+        )
+        return b"\n"
 
     def write_text(self, tag: str, text: str, step: int) -> None:
         """Text for TensorBoard's Text tab (a sample); metrics.jsonl keeps to numbers."""
@@ -65,6 +80,18 @@ class MetricsFile:
     def close(self) -> None:
         if self._tensorboard is not None:
             self._tensorboard.close()
+
+
+def _last_byte(path: epath.Path) -> bytes:
+    """The file's last byte; b"" for an empty or missing file."""
+    try:
+        with open(path, "rb") as f:
+            if f.seek(0, os.SEEK_END) == 0:
+                return b""
+            f.seek(-1, os.SEEK_END)
+            return f.read(1)
+    except FileNotFoundError:
+        return b""
 
 
 def flag_lines(settings: Any) -> str:

@@ -18,13 +18,13 @@ and writes `--out` (curves.png): validation bpc against steps and against wall t
 on the same axes. The plot needs matplotlib, an optional extra: `pip install 'lstm_jax[report]'`.
 
 Resumed runs append to their metrics.jsonl; the records after the checkpoint a run resumed from
-were trained again, so the second copy wins, and a `--restart` drops everything before it.
+were trained again, so the second copy wins, and a `--restart` drops everything before it. A line
+that is not a record (torn by a killed run, damaged) is skipped with a warning naming file:line.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import sys
 from collections.abc import Sequence
@@ -34,6 +34,7 @@ from typing import Any
 from absl import app, flags
 
 from lstm_jax.errors import UsageError, UserError
+from lstm_jax.records import read_metrics
 
 # This command's own flag; lstm_jax.cli holds the training and sampling ones.
 _OUT = flags.DEFINE_string(
@@ -58,18 +59,10 @@ class RunSummary:
 
 
 def read_records(path: Path) -> list[dict[str, Any]]:
-    """The records of the run as it stands: those a resume or `--restart` superseded dropped."""
-    lines = path.read_text().splitlines()
+    """The records of the run as it stands: those a resume or `--restart` superseded dropped.
+    Unreadable lines are skipped with a warning (`lstm_jax.records`)."""
     records: list[dict[str, Any]] = []
-    for number, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:
-            if number == len(lines):  # A run killed mid-write; the rest of the file is good.
-                break
-            raise UserError(f"{path}, line {number}, is not JSON: {line[:80]!r}") from None
+    for record in read_metrics(path):
         if "parameters" in record:  # The run (re)started from this step: what came later goes.
             start = record["step"]
             records = [

@@ -5,11 +5,13 @@ errors); the sizes are far too small for the timings to mean anything. The FLOPs
 counts are checked in-process against the closed form and against XLA's own count.
 """
 
+import functools
 import importlib.util
 import json
 import os
 import subprocess
 import sys
+import tempfile
 import types
 
 import jax
@@ -17,10 +19,11 @@ import jax.numpy as jnp
 import pytest
 from subprocesses import ROOT, command_env, run_module
 
-from lstm_jax import bench
+from lstm_jax import bench, cli, memory
 from lstm_jax.cells import CELLS
 from lstm_jax.config import ModelConfig
-from lstm_jax.models import forward_flops_per_char
+from lstm_jax.errors import UserError
+from lstm_jax.models import build_model, count_params, forward_flops_per_char, init_params
 
 TINY = {
     "hidden": 32,
@@ -174,6 +177,79 @@ def test_help_lists_the_training_and_bench_flags_by_section():
         assert f"  {flag}: " in result.stdout
     assert "(default: 'adam')" in result.stdout  # The peer's step, not the training default.
     assert "jax_" not in result.stdout
+
+
+# --- Refused before the run: where the numbers go, sizes beyond memory ---------------------------
+
+
+def _refused_before_the_run(result: subprocess.CompletedProcess, exit_code: int) -> str:
+    """The one error line of a command that stopped before compiling anything."""
+    assert result.returncode == exit_code, result.stderr[-3000:]
+    assert "Traceback" not in result.stderr and "Compiling" not in result.stderr
+    (error,) = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    return error
+
+
+@pytest.mark.parametrize(
+    "where, why",
+    [(".", "is a folder"), ("missing/bench.json", "missing does not exist"),
+     ("file/bench.json", "file is not a folder")],
+)  # fmt: skip
+def test_json_that_cannot_be_written_is_refused_before_the_run(tmp_path, where, why):
+    (tmp_path / "file").write_text("in the way\n")
+    before = sorted(tmp_path.rglob("*"))
+    result = run_module("lstm_jax.bench", *TINY_FLAGS, f"--json={tmp_path / where}", timeout=120)
+    error = _refused_before_the_run(result, exit_code=1)
+    assert error.startswith(f"error: --json={(tmp_path / where).resolve()}") and why in error
+    assert sorted(tmp_path.rglob("*")) == before  # Nothing written, no folder made.
+
+
+@pytest.mark.parametrize(
+    "sizes, lower",
+    [(["--hidden=1000000"], "Lower --hidden or --num_layers"),
+     (["--global_batch=100000", "--seq_len=100000"], "Lower --global_batch or --seq_len")],
+)  # fmt: skip
+def test_sizes_beyond_the_machines_memory_are_refused_before_the_run(tmp_path, sizes, lower):
+    json_path = tmp_path / "bench.json"
+    result = run_module("lstm_jax.bench", f"--json={json_path}", *sizes, timeout=120)
+    error = _refused_before_the_run(result, exit_code=2)
+    assert "more than this machine's" in error and error.endswith(f"{lower}.")
+    assert all(size in error for size in sizes) and not json_path.exists()
+
+
+@pytest.mark.parametrize("cell", sorted(CELLS))
+def test_memory_estimate_counts_the_parameters_of_every_cell(cell):
+    """Weights = parameters x (the parameter, its gradient, 2 Adam moments) x 4 bytes, within 3%
+    (biases and norms are left out); the sizes a bench runs by default fit easily."""
+    config = bench.BenchConfig.create(cell=cell, hidden=128, num_layers=2)
+    model = build_model(config, 96)
+    shapes = jax.eval_shape(functools.partial(init_params, model), jax.random.key(0))
+    weights = memory.training_bytes(config, 96)["weights"]
+    assert weights == pytest.approx(4 * 4 * count_params(shapes), rel=0.03)
+    memory.refuse_sizes_beyond_memory(bench.BenchConfig(), 96)  # No error.
+
+
+def test_json_in_a_folder_that_cannot_be_written_is_a_user_error(tmp_path, monkeypatch):
+    def refuse(**options):  # What a read-only folder does (the tests may run as root).
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(tempfile, "TemporaryFile", refuse)
+    with pytest.raises(UserError, match=r"^--json=.* cannot be written \(Permission denied\)"):
+        cli.writable_file_flag("json", str(tmp_path / "bench.json"))
+
+
+def test_json_is_written_whole_or_not_at_all(tmp_path, monkeypatch):
+    path = tmp_path / "bench.json"
+    cli.write_atomically(path, '{"old": 1}\n')
+    assert path.read_text() == '{"old": 1}\n'
+
+    def fail(source, target):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(os, "replace", fail)
+    with pytest.raises(UserError, match="No space left on device"):
+        cli.write_atomically(path, '{"new": 2}\n')
+    assert path.read_text() == '{"old": 1}\n' and sorted(tmp_path.iterdir()) == [path]
 
 
 # --- FLOPs per character, from the cells --------------------------------------------------------

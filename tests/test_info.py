@@ -1,5 +1,6 @@
 """`python -m lstm_jax.info WORKDIR`: the checkpoints, the model and its size, from metadata."""
 
+import shutil
 from pathlib import Path
 
 import jax
@@ -64,3 +65,24 @@ def test_info_refuses_a_missing_workdir_in_one_line_and_documents_its_argument(t
     assert not (tmp_path / "missing").exists()
     usage = run_module("lstm_jax.info", "--help")
     assert "python -m lstm_jax.info WORKDIR" in usage.stdout and "--workdir:" in usage.stdout
+
+
+def test_info_skips_damaged_metrics_lines_with_a_warning_and_shows_test_bpc(trained, tmp_path):
+    config, _, best, _, test_loss = trained
+    workdir = tmp_path / "run"
+    shutil.copytree(config.loop.workdir, workdir)
+    path = workdir / "metrics.jsonl"
+    good = path.read_bytes()
+    path.write_bytes(b'[1, 2]\n{"step": 4, "test_bpc": "low"}\n\xff\n' + good + b'{"step": 9, "te')
+    result = run_module("lstm_jax.info", str(workdir))
+    assert result.returncode == 0 and "Traceback" not in result.stderr, result.stderr[-3000:]
+    last = good.count(b"\n") + 4
+    damaged = {1: "not a JSON object", 2: "not a number", 3: "not UTF-8", last: "not JSON"}
+    warnings = [line for line in result.stderr.splitlines() if "skipped" in line]
+    assert len(warnings) == len(damaged)
+    for number, why in damaged.items():
+        (warning,) = [w for w in warnings if f"{path}:{number}: skipped" in w]
+        assert why in warning, warning
+    (row,) = [line for line in result.stdout.splitlines() if line.startswith("*")]
+    _, step, _, test_bpc, _ = row.split()
+    assert (int(step), test_bpc) == (best, f"{bits_per_char(test_loss):.4f}")

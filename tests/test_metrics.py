@@ -9,6 +9,7 @@ import sys
 import jax
 import pytest
 
+from lstm_jax import metrics as metrics_module
 from lstm_jax.config import Config
 from lstm_jax.data import Vocab, load_corpus
 from lstm_jax.metrics import MetricsFile
@@ -173,3 +174,28 @@ def test_without_tensorboardx_metrics_jsonl_is_still_written(tmp_path, monkeypat
     (line,) = (tmp_path / "metrics.jsonl").read_text().splitlines()
     assert json.loads(line)["train_loss"] == 2.5
     assert not list(tmp_path.glob("events.out.tfevents.*"))
+
+
+@pytest.mark.parametrize("appendable", [True, False], ids=["local_append", "gs_rewrite"])
+def test_a_resumed_run_starts_on_a_new_line_after_a_torn_last_line(tmp_path, appendable):
+    path = tmp_path / "metrics.jsonl"
+    path.write_bytes(b'{"step": 4, "train_loss": 2.0}\n{"step": 8, "train_lo')  # Killed mid-write.
+    metrics = MetricsFile(path)
+    metrics._appendable = appendable  # False: the whole-file rewrite that gs:// paths take.
+    metrics.write(step=4, train_loss=2.5)
+    metrics.write(step=8, train_loss=2.25)
+    lines = path.read_bytes().split(b"\n")
+    assert lines[1] == b'{"step": 8, "train_lo' and lines[-1] == b""  # Kept, alone on its line.
+    records = [json.loads(line) for number, line in enumerate(lines[:-1]) if number != 1]
+    assert [(r["step"], r["train_loss"]) for r in records] == [(4, 2.0), (4, 2.5), (8, 2.25)]
+
+
+def test_the_end_of_an_appended_file_is_checked_once_not_every_write(tmp_path, monkeypatch):
+    checked = []
+    monkeypatch.setattr(metrics_module, "_last_byte", lambda path: checked.append(path) or b"}")
+    metrics = MetricsFile(tmp_path / "metrics.jsonl")
+    for step in range(3):
+        metrics.write(step=step)
+    assert len(checked) == 1
+    # The stand-in says the file ends mid-line: only the first write starts a new one.
+    assert (tmp_path / "metrics.jsonl").read_bytes().count(b"\n") == 4

@@ -138,3 +138,49 @@ def test_records_a_resume_or_restart_superseded_are_dropped(tmp_path):
     ]
     path.write_text("\n".join(json.dumps(r) for r in records) + '\n{"step": 8, "val')
     assert read_records(path) == [{"step": 0, "parameters": 20}, {"step": 4, "val_bpc": 2.9}]
+
+
+# Every way a line can be unusable, with the reason the warning gives; line numbers from 1.
+DAMAGED_LINES = [
+    (b'{"step": 0, "parameters": 10, "cell": "lstm", "chars_per_step": 128}', None),
+    (b"[1, 2]", "not a JSON object but list"),
+    (b"3", "not a JSON object but int"),
+    (b'{"val_bpc": 2.0}', 'no "step"'),
+    (b'{"step": 4, "val_bpc": "low"}', "\"val_bpc\" is 'low', not a number"),
+    (b'{"step": "4", "val_bpc": 2.0}', "\"step\" is '4', not an integer"),
+    (b'{"step": 4, "wall_seconds": Infinity}', '"wall_seconds" is inf, not a finite number'),
+    (b'\xff\xfe{"step": 4}', "not UTF-8 (byte 0)"),
+    (b'{"step": 4, "val_bpc": 2.5, "wall_seconds": 10.0}', None),
+    (b'{"step": 8, "val', "not JSON"),  # Torn by a killed run, then resumed on a fresh line.
+    (b'{"step": 8, "val_bpc": 2.25, "wall_seconds": 20.0}', None),
+    (b'{"step": 12, "wall_', "not JSON"),  # Torn, and nothing came after.
+]
+
+
+def test_report_skips_each_unusable_line_with_a_warning_naming_it_and_reports_the_rest(tmp_path):
+    workdir = tmp_path / "run"
+    workdir.mkdir()
+    path = workdir / "metrics.jsonl"
+    path.write_bytes(b"\n".join(line for line, _ in DAMAGED_LINES))
+    result = run_module("lstm_jax.report", f"--out={tmp_path / 'c.png'}", str(workdir))
+    has_matplotlib = importlib.util.find_spec("matplotlib") is not None
+    assert result.returncode == (0 if has_matplotlib else 1), result.stderr
+    assert "Traceback" not in result.stderr
+    warnings = [line for line in result.stderr.splitlines() if "skipped" in line]
+    assert len(warnings) == sum(why is not None for _, why in DAMAGED_LINES)
+    for number, (_, why) in enumerate(DAMAGED_LINES, 1):
+        if why is not None:
+            (warning,) = [w for w in warnings if f"{path}:{number}: skipped" in w]
+            assert why in warning, warning
+    assert "killed" in warnings[-1]  # The last line, cut short.
+    (row,) = _table_rows(result.stdout)
+    assert row[:6] == ["run", "lstm", "10", "8", "0:00:20", "2.2500"]
+
+
+def test_report_of_a_file_with_no_usable_line_is_one_error_line(tmp_path):
+    (tmp_path / "metrics.jsonl").write_bytes(b'[1, 2]\n{"val_bpc": 2.0}\n\xff\n{"step": 4, "va')
+    result = run_module("lstm_jax.report", f"--out={tmp_path / 'c.png'}", str(tmp_path))
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    (error,) = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert f"No line of {tmp_path / 'metrics.jsonl'} is a metrics record" in error
+    assert result.stdout == "" and not (tmp_path / "c.png").exists()
