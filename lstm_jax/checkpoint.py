@@ -36,7 +36,7 @@ from orbax.checkpoint import checkpoint_managers as policies
 
 from lstm_jax import distributed
 from lstm_jax.config import complete_settings
-from lstm_jax.data import Vocab
+from lstm_jax.data import Vocab, vocab_difference
 from lstm_jax.errors import UserError
 from lstm_jax.models import CharLSTM, init_params, model_from_settings
 
@@ -283,7 +283,7 @@ def restore_latest_usable(
         differences = settings_mismatch(complete_settings(meta["settings"]), settings)
         if meta["vocab"] != vocab_chars:
             differences.append(
-                f"vocabulary of {len(meta['vocab'])} characters (saved) vs {len(vocab_chars)} (now)"
+                f"vocabulary differs ({vocab_difference(meta['vocab'], vocab_chars)})"
             )
         if differences:
             raise UserError(

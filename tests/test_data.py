@@ -26,6 +26,7 @@ from lstm_jax.data import (
     read_text,
     split,
     strip_gutenberg,
+    vocab_difference,
 )
 from lstm_jax.errors import UsageError, UserError
 
@@ -370,6 +371,19 @@ def test_vocab_unknown_lists_unseen_chars_in_order_of_first_appearance():
     vocab = Vocab.from_text("abc ")
     assert vocab.unknown("a zebra crossed by xylophone") == list("zerosdyxlphn")
     assert vocab.unknown("cab") == []
+
+
+def test_vocab_difference_names_the_characters_only_in_each():
+    assert vocab_difference("\n abc\u00e9", "\n abZ") == (
+        "'c', '\u00e9' only in the saved run; 'Z' only in this text"
+    )
+    assert vocab_difference("ab", "ab\t ") == "'\\t', ' ' only in this text"
+    assert vocab_difference("ab", "ba") == "the same characters in another order (so other ids)"
+    many = "".join(chr(c) for c in range(0x100, 0x119))  # 25 characters.
+    assert vocab_difference(many, "a", "the checkpoint", "the text") == (
+        ", ".join(repr(c) for c in many[:20]) + " and 5 more only in the checkpoint; "
+        "'a' only in the text"
+    )
 
 
 # --- Split ----------------------------------------------------------------------------------
