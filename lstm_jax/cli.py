@@ -17,13 +17,13 @@ import sys
 import tempfile
 import textwrap
 from collections.abc import Callable, Iterator, Sequence
-from pathlib import Path
 from typing import Any
 
 from absl import app, flags, logging
 
 from lstm_jax.config import field_types, is_section, leaf_fields, leaf_settings
 from lstm_jax.errors import UsageError, UserError
+from lstm_jax.textfile import read_text_file
 
 FLAGS = flags.FLAGS
 
@@ -160,19 +160,10 @@ def _quiet_libraries(record) -> bool:
 
 
 def read_utf8_flag(flag: str, path: str) -> str:
-    """The whole text of the UTF-8 file a flag names; every way it can fail is a `UserError`
-    naming the flag."""
-    path = Path(path).expanduser()
-    try:
-        return path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise UserError(f"--{flag}={path} does not exist.") from None
-    except IsADirectoryError:
-        raise UserError(f"--{flag}={path} is a directory, not a file.") from None
-    except UnicodeDecodeError as e:
-        raise UserError(f"--{flag}={path} is not UTF-8 text ({e.reason}).") from None
-    except OSError as e:
-        raise UserError(f"--{flag}={path} cannot be read ({e.strerror}).") from None
+    """The whole text of the UTF-8 file a flag names, checked as text (`textfile.read_text_file`:
+    a regular file, under the default --max_text_mb, not binary; "" if blank); every way it can
+    fail is a `UserError` naming the flag."""
+    return read_text_file(path, flag, allow_empty=True)
 
 
 def writable_file_flag(flag: str, path: str) -> Path:

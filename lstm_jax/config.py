@@ -52,6 +52,9 @@ class DataConfig:
     )
     data_dir: str = setting("~/.cache/lstm_jax", "Download cache (--gutenberg, --data_url).")
     encoding: str = setting("utf-8", "Text encoding of the input files.")
+    max_text_mb: float = setting(
+        1024.0, "Largest text to read, in MB (2**20 bytes) over all files; more is refused unread."
+    )
     lowercase: bool = setting(False, "Lower-case the text (smaller vocabulary).", must_match=True)
     val_fraction: float = setting(
         0.05,
@@ -77,9 +80,7 @@ class DataConfig:
         "style). Off: independent random windows from a zero state.",
         must_match=True,
     )
-    seed: int = setting(
-        0, "Seed for initialisation, batches, dropout and samples.", must_match=True
-    )
+    seed: int = setting(0, "Seed for initialisation, batches, dropout, samples.", must_match=True)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -318,7 +319,7 @@ def model_config_from_settings(saved: dict[str, Any]) -> ModelConfig:
 # Settings that must be > 0, and those that must be >= 0; every float must also be finite.
 _POSITIVE = (
     "seq_len global_batch hidden num_layers log_every eval_every checkpoint_every "
-    "keep_checkpoints learning_rate"
+    "keep_checkpoints learning_rate max_text_mb"
 ).split()
 _NON_NEGATIVE = (
     "embed_dim num_steps warmup_steps sample_every weight_decay grad_clip length temperature "

@@ -21,6 +21,7 @@ from pathlib import Path
 from lstm_jax import books
 from lstm_jax.config import DataConfig
 from lstm_jax.errors import UsageError, UserError
+from lstm_jax.textfile import MAX_TEXT_MB, check_text_files, read_text_file
 
 GUTENBERG_URL = "https://www.gutenberg.org/cache/epub/{id}/pg{id}.txt"  # --gutenberg=ID
 SEPARATOR = "\n\n"  # Between the documents of a folder or glob.
@@ -92,28 +93,12 @@ def download(url: str, cache_dir: str | os.PathLike, *, timeout: float = 60.0) -
             os.unlink(tmp_name)
 
 
-def read_text(path: str | os.PathLike, encoding: str = "utf-8") -> str:
-    """Read a text file, turning every way it can fail into one clear `UserError`."""
-    path = Path(path).expanduser()
-    if not path.exists():
-        raise UserError(f"--data_path={path} does not exist; give an existing text file.")
-    if path.is_dir():
-        raise UserError(f"--data_path={path} is a directory; give a text file.")
-    try:
-        raw = path.read_bytes()
-    except OSError as e:  # Permission denied, a broken disk, ...
-        raise UserError(f"--data_path={path} cannot be read: {e.strerror or e}.") from None
-    if not raw.strip():
-        raise UserError(f"--data_path={path} is empty; give a file with text in it.")
-    try:
-        return raw.decode(encoding)
-    except UnicodeDecodeError as e:
-        raise UserError(
-            f"{path} is not valid {encoding}: byte {e.object[e.start]:#04x} at offset {e.start}; "
-            "pass --encoding=latin-1 (or the file's real encoding)."
-        ) from None
-    except LookupError:
-        raise UserError(f"Unknown --encoding={encoding!r}; try utf-8 or latin-1.") from None
+def read_text(
+    path: str | os.PathLike, encoding: str = "utf-8", max_mb: float = MAX_TEXT_MB
+) -> str:
+    """Read a --data_path file as text (`textfile.read_text_file`: a regular file under
+    `max_mb`, not binary), turning every way it can fail into one clear `UserError`."""
+    return read_text_file(path, "data_path", encoding=encoding, max_mb=max_mb, data_flags=True)
 
 
 def strip_gutenberg(text: str) -> tuple[str, bool]:
@@ -130,7 +115,8 @@ def find_files(data_path: str) -> list[Path]:
     kinds = "give a text file, a folder of .txt files or a glob such as 'texts/*.txt'"
     path = Path(data_path).expanduser()
     if path.is_dir():
-        files = sorted(p for p in path.glob("*.txt") if p.is_file())
+        # Every non-folder: a FIFO or a device named *.txt is refused by name, not skipped.
+        files = sorted(p for p in path.glob("*.txt") if not p.is_dir())
         if not files:
             raise UserError(
                 f"--data_path={path} is a folder with no .txt files; add some, or {kinds}."
@@ -140,7 +126,7 @@ def find_files(data_path: str) -> list[Path]:
         return [path]
     if re.search(r"[*?[]", data_path):  # A glob's wildcards.
         matches = glob.glob(os.path.expanduser(data_path), recursive=True)
-        files = sorted(Path(p) for p in matches if os.path.isfile(p))
+        files = sorted(Path(p) for p in matches if not os.path.isdir(p))
         if not files:
             raise UserError(
                 f"--data_path={data_path} matches no file; fix the pattern (in quotes, so the "
@@ -155,19 +141,23 @@ def source_files(config: DataConfig) -> list[Path]:
     bundled Dracula. --data_path wins over --gutenberg, which wins over --data_url.
 
     `main` calls this before it writes anything, so a bad path or a failed download leaves no
-    trace; `load_documents` calls it again (a download is cached by then).
+    trace; `load_documents` calls it again (a download is cached by then). Files that are not
+    regular, or too big together for --max_text_mb, are refused here, from their stat alone.
     """
     if config.gutenberg < 0:
         raise UsageError(
             f"--gutenberg must be a book number, or 0 for none; got {config.gutenberg}."
         )
     if config.data_path:
-        return find_files(config.data_path)
-    if config.gutenberg:
-        return [download(GUTENBERG_URL.format(id=config.gutenberg), config.data_dir)]
-    if config.data_url:
-        return [download(config.data_url, config.data_dir)]
-    return []
+        files = find_files(config.data_path)
+    elif config.gutenberg:
+        files = [download(GUTENBERG_URL.format(id=config.gutenberg), config.data_dir)]
+    elif config.data_url:
+        files = [download(config.data_url, config.data_dir)]
+    else:
+        return []
+    check_text_files(files, "data_path", config.max_text_mb, data_flags=True)
+    return files
 
 
 def load_documents(config: DataConfig) -> tuple[list[str], str]:
@@ -180,7 +170,8 @@ def load_documents(config: DataConfig) -> tuple[list[str], str]:
     else:
         documents, counts, stripped = [], [], 0
         for path in paths:
-            body, had_markers = strip_gutenberg(read_text(path, config.encoding))
+            text = read_text(path, config.encoding, config.max_text_mb)
+            body, had_markers = strip_gutenberg(text)
             documents.append(body)
             counts.append(f"{path}: {len(body):,}")
             stripped += had_markers

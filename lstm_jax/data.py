@@ -105,6 +105,30 @@ class Vocab:
 
 
 _ENCODE_CHUNK = 1 << 24  # Characters encoded at a time: at most 64 MB of UTF-32 in flight.
+MAX_SHOWN_CHARS = 20  # Characters named one by one in a message; the rest are counted.
+
+
+def shown_chars(chars: str | list[str], limit: int = MAX_SHOWN_CHARS) -> str:
+    """Characters for a message, each quoted and escaped (' ', '\\n', '\\x00' stay visible),
+    the first `limit` named and the rest counted."""
+    shown = ", ".join(repr(c) for c in chars[:limit])
+    return shown + (f" and {len(chars) - limit} more" if len(chars) > limit else "")
+
+
+def vocab_difference(
+    saved: str, current: str, saved_as: str = "the saved run", current_as: str = "this text"
+) -> str:
+    """How two vocabularies' characters differ, named one by one: "'é', 'Z' only in the
+    saved run; '\\n' only in this text"; or that only their order does (ids differ)."""
+    saved_set, current_set = set(saved), set(current)
+    only_saved = [c for c in saved if c not in current_set]
+    only_current = [c for c in current if c not in saved_set]
+    parts = [
+        f"{shown_chars(chars)} only in {where}"
+        for chars, where in ((only_saved, saved_as), (only_current, current_as))
+        if chars
+    ]
+    return "; ".join(parts) or "the same characters in another order (so other ids)"
 
 
 def _code_points(text: str) -> np.ndarray:

@@ -16,6 +16,7 @@ from etils import epath
 from lstm_jax import distributed
 from lstm_jax.checkpoint import Checkpoints, checkpoint_dir
 from lstm_jax.config import complete_settings
+from lstm_jax.data import vocab_difference
 from lstm_jax.errors import UserError
 
 
@@ -101,7 +102,7 @@ def restore_latest_usable(
         differences = settings_mismatch(complete_settings(meta["settings"]), settings)
         if meta["vocab"] != vocab_chars:
             differences.append(
-                f"vocabulary of {len(meta['vocab'])} characters (saved) vs {len(vocab_chars)} (now)"
+                f"vocabulary differs ({vocab_difference(meta['vocab'], vocab_chars)})"
             )
         if differences:
             raise UserError(

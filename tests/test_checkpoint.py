@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 from subprocesses import run_module
 
-from lstm_jax.checkpoint import Checkpoints
-from lstm_jax.config import Config
+from lstm_jax.checkpoint import Checkpoints, restore_latest_usable
+from lstm_jax.config import Config, complete_settings
 from lstm_jax.data import Vocab
 from lstm_jax.errors import UserError
 from lstm_jax.generate import sample_text
@@ -82,6 +82,25 @@ def test_workdir_with_another_model_is_refused_before_training(tiny_config, tmp_
     assert "num_layers 2 (saved) vs 1 (now)" in message
     assert "--workdir" in message and "--restart" in message
     assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir()) == before
+
+
+def test_a_workdir_of_another_vocabulary_is_refused_naming_the_characters(tiny_config, tmp_path):
+    model = build_model(tiny_config, 4)
+    state = create_train_state(
+        model, init_params(model, jax.random.key(0)), tiny_config.optim, 4, jax.random.key(1)
+    )
+    carry = jax.tree.map(np.asarray, model.initialize_carry(tiny_config.data.global_batch))
+    checkpoints = Checkpoints(tmp_path / "run", keep=1)
+    meta = {"vocab": "\n ab\u00e9", "settings": {}, "val_loss": 1.0}  # Other settings: same.
+    checkpoints.save(2, state=state, carry=carry, meta=meta, val_loss=1.0)
+    checkpoints.wait()
+    with pytest.raises(UserError) as error:  # Refused before anything is restored.
+        restore_latest_usable(checkpoints, None, None, None, complete_settings({}), " abZ")
+    checkpoints.close()
+    message = str(error.value)
+    named = "vocabulary differs ('\\n', '\u00e9' only in the saved run; 'Z' only in this text)"
+    assert named in message
+    assert "--workdir" in message and "--restart" in message
 
 
 def test_restart_sets_old_checkpoints_aside_and_trains_anew(tiny_config, tmp_path):

@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import fnmatch
 import hashlib
+import os
 import re
 import socket
+import time
 import tomllib
 import urllib.request
 from pathlib import Path
@@ -244,7 +246,7 @@ def test_encode_is_not_a_python_loop_per_character(monkeypatch):
 # --- The command line on each new input --------------------------------------------------------
 
 
-def _main(text_path: str, workdir: Path, *extra: str):
+def _main(text_path: str, workdir: Path, *extra: str, timeout: float = 300):
     return run_module(
         "lstm_jax.main",
         f"--data_path={text_path}",
@@ -253,6 +255,7 @@ def _main(text_path: str, workdir: Path, *extra: str):
         "--warmup_steps=1", "--log_every=1000", "--eval_every=1000", "--checkpoint_every=1000",
         "--length=10",
         *extra,
+        timeout=timeout,
     )  # fmt: skip
 
 
@@ -276,6 +279,58 @@ def test_a_bad_data_path_is_one_error_line_and_writes_nothing(tmp_path, where, p
     assert not (tmp_path / "run").exists()
 
 
+def _make_input(tmp_path: Path, kind: str) -> str:
+    """A --data_path that is not a usable text, of the given kind; returns the flag's value."""
+    path = tmp_path / "input.txt"
+    if kind == "fifo":
+        os.mkfifo(path)
+    elif kind == "fifo in a folder":
+        (tmp_path / "texts").mkdir()
+        (tmp_path / "texts/a.txt").write_text("Some text.\n" * 100)
+        os.mkfifo(tmp_path / "texts/b.txt")
+        return str(tmp_path / "texts")
+    elif kind == "device":
+        return "/dev/zero"
+    elif kind == "sparse 2 GB":
+        with open(path, "wb") as f:
+            f.truncate(2 << 30)
+    elif kind == "NUL bytes":
+        path.write_bytes(b"\0" * 10_000)
+    elif kind == "UTF-16":
+        path.write_bytes(("A small text. " * 200).encode("utf-16"))
+    return str(path)
+
+
+UNREADABLE_INPUTS = [
+    # (kind, a phrase of the one error line, whether its stat tells: refused before any write)
+    ("fifo", "input.txt is a named pipe (FIFO), not a regular file; give a text file.", True),
+    ("fifo in a folder", "texts/b.txt is a named pipe (FIFO), not a regular file", True),
+    ("device", "--data_path=/dev/zero is a character device, not a regular file", True),
+    ("sparse 2 GB", "input.txt is 2,048.0 MB, above --max_text_mb=1024; raise --max_text_mb", True),
+    ("NUL bytes", "input.txt looks binary, not text (it holds NUL characters)", False),
+    ("UTF-16", "input.txt starts with a UTF-16 (little-endian) byte-order mark: it is UTF-16 "
+     "text; pass --encoding=utf-16.", False),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "kind, phrase, from_stat", UNREADABLE_INPUTS, ids=[u[0] for u in UNREADABLE_INPUTS]
+)
+def test_input_that_is_not_text_is_refused_at_once_in_one_line(tmp_path, kind, phrase, from_stat):
+    # A FIFO opened would hang until the timeout; /dev/zero or the sparse file read would take
+    # seconds and gigabytes: each is refused from its stat, before a workdir is made. The text's
+    # content is checked where it is read, before the first step.
+    started = time.monotonic()
+    result = _main(_make_input(tmp_path, kind), tmp_path / "run", timeout=120)
+    assert result.returncode == 1, result.stderr[-2000:]
+    assert "Traceback" not in result.stderr
+    errors = [line for line in result.stderr.splitlines() if line.startswith(("error", "FATAL"))]
+    assert len(errors) == 1 and errors[0].startswith("error: --data_path="), result.stderr[-2000:]
+    assert phrase in errors[0]
+    assert not (tmp_path / ("run" if from_stat else "run/checkpoints")).exists()
+    assert time.monotonic() - started < 60  # Python and JAX starting, on a busy machine.
+
+
 def test_a_folder_of_two_files_trains_end_to_end_with_counts_per_file(tmp_path, small_text):
     half = len(small_text) // 2
     folder = _files(
@@ -291,4 +346,15 @@ def test_a_folder_of_two_files_trains_end_to_end_with_counts_per_file(tmp_path, 
     val = round(one * 0.05) + 2 + round(two * 0.05)
     test = round(one * 0.1) + 2 + round(two * 0.1)
     assert f"validation {val:,} / test {test:,} characters" in result.stderr
+    assert "Finished 4 steps; sample:" in result.stderr
+
+
+def test_a_utf16_file_trains_with_its_encoding_passed(tmp_path, small_text):
+    path = tmp_path / "wide.txt"
+    path.write_bytes(small_text.encode("utf-16"))  # With its byte-order mark.
+    result = _main(str(path), tmp_path / "run", "--encoding=utf-16")
+    assert result.returncode == 0, result.stderr[-3000:]
+    note = f"{path}: {len(small_text):,} characters (no Gutenberg START/END lines"
+    assert note in result.stderr  # Every character decoded, the mark not among them.
+    assert f"vocabulary {len(set(small_text))};" in result.stderr
     assert "Finished 4 steps; sample:" in result.stderr

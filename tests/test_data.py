@@ -22,9 +22,11 @@ from lstm_jax.data import (
     download,
     eval_streams,
     load_corpus,
+    load_split,
     read_text,
     split,
     strip_gutenberg,
+    vocab_difference,
 )
 from lstm_jax.errors import UsageError, UserError
 
@@ -154,6 +156,173 @@ def test_read_text_turns_an_unreadable_file_into_a_user_error(tmp_path, monkeypa
         read_text(path)
 
 
+# --- Files checked as text ------------------------------------------------------------------
+
+
+def _refused_without_opening(fifo: Path, read: typing.Callable[[], object]) -> UserError:
+    """The `UserError` that `read()` raises at once; a reader that opened the FIFO instead would
+    block until a writer came, so it is released with an empty write, and the test fails."""
+    outcome = []
+
+    def run():
+        try:
+            read()
+        except UserError as e:
+            outcome.append(e)
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    thread.join(timeout=10)
+    if thread.is_alive():
+        os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))  # The reader sees end-of-file.
+        thread.join()
+        pytest.fail(f"{fifo} was opened, and blocked until a writer came")
+    assert outcome, "no UserError"
+    return outcome[0]
+
+
+def test_read_text_refuses_a_fifo_without_opening_it(tmp_path):
+    fifo = tmp_path / "pipe.txt"
+    os.mkfifo(fifo)
+    error = _refused_without_opening(fifo, lambda: read_text(fifo))
+    assert str(error) == (
+        f"--data_path={fifo} is a named pipe (FIFO), not a regular file; give a text file."
+    )
+
+
+def test_read_text_refuses_a_device_and_a_socket(tmp_path):
+    with pytest.raises(UserError, match="/dev/zero is a character device, not a regular file"):
+        read_text("/dev/zero")
+    with socket.socket(socket.AF_UNIX) as listening:
+        listening.bind(str(tmp_path / "s.txt"))
+        with pytest.raises(UserError, match="is a socket, not a regular file"):
+            read_text(tmp_path / "s.txt")
+
+
+@pytest.mark.parametrize("how", ["folder", "glob"])
+def test_a_fifo_in_a_folder_or_glob_is_refused_by_name_not_skipped(tmp_path, how):
+    (tmp_path / "a.txt").write_text("Some text.\n")
+    os.mkfifo(tmp_path / "b.txt")
+    config = DataConfig(data_path=str(tmp_path) if how == "folder" else f"{tmp_path}/*.txt")
+    error = _refused_without_opening(tmp_path / "b.txt", lambda: load_corpus(config))
+    assert str(error).startswith(f"--data_path={tmp_path / 'b.txt'} is a named pipe (FIFO)")
+
+
+def test_a_file_above_the_cap_is_refused_from_its_size_without_reading(tmp_path, monkeypatch):
+    sparse = tmp_path / "huge.txt"
+    with open(sparse, "wb") as f:
+        f.truncate(2 << 30)  # 2 GB that take no disk: reading them would take seconds.
+
+    def refuse(self):
+        raise AssertionError("read a file that the cap refuses")
+
+    monkeypatch.setattr(Path, "read_bytes", refuse)
+    for check in (read_text, lambda p: corpus.source_files(DataConfig(data_path=str(p)))):
+        with pytest.raises(UserError) as info:
+            check(sparse)
+        assert str(info.value).startswith(f"--data_path={sparse} is 2,048.0 MB, above ")
+        assert "--max_text_mb=1024; raise --max_text_mb" in str(info.value)
+
+
+def test_the_cap_counts_the_files_of_a_folder_together(tmp_path):
+    for name in ("a.txt", "b.txt"):
+        (tmp_path / name).write_text("x" * 600_000)  # 0.57 MB each, 1.14 MB together.
+    config = DataConfig(data_path=str(tmp_path), max_text_mb=1.0)
+    with pytest.raises(UserError, match=r"The 2 files of --data_path hold 1\.1 MB together"):
+        load_corpus(config)
+    assert len(load_corpus(dataclasses.replace(config, max_text_mb=2.0))[0]) == 1_200_002
+
+
+@pytest.mark.parametrize("value", [0.0, -1.0, float("nan"), float("inf")])
+def test_max_text_mb_must_be_a_positive_number(value):
+    from lstm_jax.config import Config
+
+    with pytest.raises(UsageError, match="--max_text_mb must be"):
+        Config.create(max_text_mb=value).validate()
+
+
+@pytest.mark.parametrize("encoding", ["utf-8", "latin-1"])
+def test_a_file_of_nul_bytes_looks_binary(tmp_path, encoding):
+    path = tmp_path / "zeros.txt"
+    path.write_bytes(b"\0" * 5000)
+    with pytest.raises(UserError) as info:
+        read_text(path, encoding)
+    assert str(info.value).startswith(f"--data_path={path} looks binary, not text (it holds NUL")
+    assert "\n" not in str(info.value)
+
+
+def test_a_file_of_control_characters_looks_binary_but_tabs_and_form_feeds_are_text(tmp_path):
+    binary = tmp_path / "blob.txt"
+    binary.write_bytes(bytes(range(1, 128)) * 40)  # No NUL; 28 of every 127 are controls.
+    with pytest.raises(UserError, match="looks binary, not text .22% of its first 5,080 char"):
+        read_text(binary)
+    text = "Col\tumns\fpage\r\nan escape \x1b[1m here.\n" * 50
+    (tmp_path / "text.txt").write_text(text, newline="")
+    assert read_text(tmp_path / "text.txt") == text
+
+
+BOMS = [  # (encoding that writes the byte-order mark, its name, the --encoding to pass)
+    ("utf-16", "UTF-16 (little-endian)", "utf-16"),
+    ("utf-16-be", "UTF-16 (big-endian)", "utf-16"),
+    ("utf-32", "UTF-32 (little-endian)", "utf-32"),
+    ("utf-32-be", "UTF-32 (big-endian)", "utf-32"),
+]
+
+
+@pytest.mark.parametrize("writer, mark, encoding", BOMS, ids=[b[0] for b in BOMS])
+def test_a_utf16_or_utf32_file_names_the_encoding_to_pass_and_reads_with_it(
+    tmp_path, writer, mark, encoding
+):
+    text = "Caf\u00e9 \u5b57 and \U0001f600.\nSecond line.\n"
+    path = tmp_path / "wide.txt"
+    bom = "\ufeff" if writer.endswith("-be") else ""  # utf-16/utf-32 write one of their own.
+    path.write_bytes((bom + text).encode(writer))
+    with pytest.raises(UserError) as info:
+        read_text(path)  # Not "pass --encoding=latin-1", as when it was read as bad UTF-8.
+    assert str(info.value) == (
+        f"--data_path={path} starts with a {mark} byte-order mark: it is "
+        f"{encoding.upper()} text; pass --encoding={encoding}."
+    )
+    assert read_text(path, encoding) == text
+
+
+def test_a_utf16_file_trains_on_the_text_of_its_utf8_copy(tmp_path, small_text):
+    (tmp_path / "wide.txt").write_bytes(small_text.encode("utf-16"))
+    (tmp_path / "narrow.txt").write_text(small_text)
+    wide_config = DataConfig(data_path=str(tmp_path / "wide.txt"), encoding="utf-16")
+    wide_vocab, wide, _ = load_split(wide_config)
+    vocab, narrow, _ = load_split(DataConfig(data_path=str(tmp_path / "narrow.txt")))
+    assert wide_vocab == vocab and "\ufeff" not in vocab.chars
+    for name in narrow.NAMES:
+        np.testing.assert_array_equal(getattr(wide, name), getattr(narrow, name))
+
+
+def test_a_utf8_byte_order_mark_is_dropped(tmp_path):
+    path = tmp_path / "bom.txt"
+    path.write_bytes(b"\xef\xbb\xbf" + "Caf\u00e9 au lait.\n".encode() * 20)
+    assert read_text(path) == "Caf\u00e9 au lait.\n" * 20
+    vocab, _, _ = load_split(DataConfig(data_path=str(path)))
+    assert "\ufeff" not in vocab.chars and vocab == Vocab.from_text("Caf\u00e9 au lait.\n")
+
+
+def test_flag_files_of_other_commands_get_the_same_checks_and_may_be_blank(tmp_path):
+    from lstm_jax.cli import read_utf8_flag
+
+    fifo = tmp_path / "pipe"
+    os.mkfifo(fifo)
+    (tmp_path / "wide.txt").write_bytes("Hi".encode("utf-16"))
+    (tmp_path / "bom.txt").write_bytes(b"\xef\xbb\xbfHi")
+    (tmp_path / "blank.txt").write_text("\n")
+    error = _refused_without_opening(fifo, lambda: read_utf8_flag("prompt_file", str(fifo)))
+    assert str(error).startswith(f"--prompt_file={fifo} is a named pipe (FIFO)")
+    with pytest.raises(UserError, match="--text=/dev/zero is a character device"):
+        read_utf8_flag("text", "/dev/zero")
+    with pytest.raises(UserError, match="UTF-16 text; save it as UTF-8"):
+        read_utf8_flag("text", str(tmp_path / "wide.txt"))
+    assert read_utf8_flag("text", str(tmp_path / "bom.txt")) == "Hi"
+    assert read_utf8_flag("prompt_file", str(tmp_path / "blank.txt")) == ""
+
+
 # --- load_corpus ----------------------------------------------------------------------------
 
 
@@ -202,6 +371,19 @@ def test_vocab_unknown_lists_unseen_chars_in_order_of_first_appearance():
     vocab = Vocab.from_text("abc ")
     assert vocab.unknown("a zebra crossed by xylophone") == list("zerosdyxlphn")
     assert vocab.unknown("cab") == []
+
+
+def test_vocab_difference_names_the_characters_only_in_each():
+    assert vocab_difference("\n abc\u00e9", "\n abZ") == (
+        "'c', '\u00e9' only in the saved run; 'Z' only in this text"
+    )
+    assert vocab_difference("ab", "ab\t ") == "'\\t', ' ' only in this text"
+    assert vocab_difference("ab", "ba") == "the same characters in another order (so other ids)"
+    many = "".join(chr(c) for c in range(0x100, 0x119))  # 25 characters.
+    assert vocab_difference(many, "a", "the checkpoint", "the text") == (
+        ", ".join(repr(c) for c in many[:20]) + " and 5 more only in the checkpoint; "
+        "'a' only in the text"
+    )
 
 
 # --- Split ----------------------------------------------------------------------------------
