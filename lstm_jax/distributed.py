@@ -26,6 +26,7 @@ from absl import logging
 
 from lstm_jax.config import setting
 from lstm_jax.errors import UsageError, UserError
+from lstm_jax.settings import NON_NEGATIVE, Range
 
 MODES = ("auto", "on", "off")
 # GKE's TPU node pools set these; a Cloud TPU VM has libtpu (from `jax[tpu]`) instead.
@@ -46,8 +47,12 @@ class DistributedOptions:
     coordinator_address: str = setting(
         "", "HOST:PORT of process 0, for clusters JAX does not detect (and tests). Empty: detect."
     )
-    num_processes: int = setting(0, "Processes in the job, with --coordinator_address. 0: detect.")
-    process_id: int = setting(-1, "This process's index in [0, --num_processes). -1: detect.")
+    num_processes: int = setting(
+        0, "Processes in the job, with --coordinator_address. 0: detect.", within=NON_NEGATIVE
+    )
+    process_id: int = setting(
+        -1, "This process's index in [0, --num_processes). -1: detect.", within=Range(-1)
+    )
 
 
 def on_cloud_tpu() -> bool:

@@ -1,12 +1,16 @@
-"""Declared ranges: one checker for every command's numbers."""
+"""Declared ranges: one checker for every command's numbers, and every number declares one."""
 
 from __future__ import annotations
 
 import dataclasses
+import importlib
+import inspect
 import math
+import pkgutil
 
 import pytest
 
+import lstm_jax
 from lstm_jax.errors import UsageError
 from lstm_jax.settings import (
     NON_NEGATIVE,
@@ -88,3 +92,46 @@ def test_the_range_is_said_in_the_help():
     assert help_of["share"] == "A share. Must be in (0, 1]."
     assert help_of["index"] == "An index; -1: none. Must be >= -1."
     assert help_of["offset"] == "Any offset."  # Unbounded: nothing to say.
+
+
+def _declares_settings(cls: type) -> bool:
+    """A dataclass with a field declared by `setting`, or a section that has one."""
+    if not dataclasses.is_dataclass(cls):
+        return False
+    fields = dataclasses.fields(cls)
+    sections = [f.default_factory for f in fields if inspect.isclass(f.default_factory)]
+    return any("help" in f.metadata for f in fields) or any(map(_declares_settings, sections))
+
+
+def _settings_classes() -> list[type]:
+    """Every settings dataclass in the package (each module imported)."""
+    found = {}
+    for module_info in pkgutil.walk_packages(lstm_jax.__path__, "lstm_jax."):
+        module = importlib.import_module(module_info.name)
+        for _, cls in inspect.getmembers(module, _declares_settings):
+            found[f"{cls.__module__}.{cls.__qualname__}"] = cls
+    return list(found.values())
+
+
+def test_every_number_of_every_command_declares_its_range():
+    classes = {cls.__name__ for cls in _settings_classes()}
+    # The commands' options (main, sample, bench, evaluate, distributed), so the walk sees them.
+    commands = {"Config", "SampleOptions", "BenchOptions", "EvaluateOptions", "DistributedOptions"}
+    assert commands <= classes, commands - classes
+    undeclared = []
+    for cls in _settings_classes():
+        for _, f, kind in leaf_fields(cls):
+            if kind in (int, float) and not isinstance(f.metadata.get("within"), Range):
+                undeclared.append(f"{cls.__name__}.{f.name}")
+    assert not undeclared, f"declare within= (UNBOUNDED if any value will do): {undeclared}"
+
+
+def test_every_seed_is_a_32_bit_unsigned_integer():
+    seeds = [
+        (cls.__name__, f) for cls in _settings_classes() for _, f, _ in leaf_fields(cls)
+        if "seed" in f.name
+    ]  # fmt: skip
+    assert {name for name, _ in seeds} >= {"DataConfig", "SampleOptions"}
+    for _, f in seeds:
+        assert f.metadata["within"] == Range(0, 2**32 - 1), f.name
+        assert "Must be in [0, 4294967295]" in f.metadata["help"]
