@@ -135,3 +135,16 @@ def test_every_seed_is_a_32_bit_unsigned_integer():
     for _, f in seeds:
         assert f.metadata["within"] == Range(0, 2**32 - 1), f.name
         assert "Must be in [0, 4294967295]" in f.metadata["help"]
+
+
+def test_the_library_entry_points_check_ranges_as_the_commands_do():
+    from lstm_jax import bench
+    from lstm_jax.config import Config
+    from lstm_jax.sample import SampleOptions, check_sampling_args
+
+    with pytest.raises(UsageError, match=r"--seed must be in \[0, 4294967295\], got -1\."):
+        Config.create(seed=-1).validate()  # What train_and_evaluate runs first.
+    with pytest.raises(UsageError, match=r"--windows must be > 0, got 0\."):
+        bench.validate(bench.BenchConfig(), bench.BenchOptions(windows=0), 1)  # run_benchmark's.
+    with pytest.raises(UsageError, match=r"--top_p must be a finite number in \(0, 1\]"):
+        check_sampling_args(SampleOptions(top_p=NAN), 96)  # lstm_jax.load(...).generate's.
