@@ -8,7 +8,8 @@
 
 The model comes from the checkpoint alone (its settings, vocabulary and parameters); the
 sampler is `lstm_jax.generate`, the scoring `lstm_jax.evaluate` with `steps.eval_step`, as in
-training. `restore` is what the `sample` and `export` commands load a checkpoint with.
+training. `restore` (`checkpoint.restore_model`) is what the `sample` and `export` commands
+load a checkpoint with.
 """
 
 from __future__ import annotations
@@ -24,11 +25,12 @@ import numpy as np
 
 from lstm_jax import evaluate, steps
 from lstm_jax.checkpoint import restore_model as restore  # What sample and export load with.
-from lstm_jax.config import ModelConfig
+from lstm_jax.config import ModelConfig, SampleConfig
 from lstm_jax.data import Vocab
 from lstm_jax.errors import UserError
-from lstm_jax.generate import check_sampling_args, sample_text, stream_text
+from lstm_jax.generate import sample_text, stream_text
 from lstm_jax.models import CharLSTM
+from lstm_jax.sample import SampleOptions, check_sampling_args
 
 SCORE_CHUNK = 256  # Characters per evaluation step when scoring (one compile for any length).
 
@@ -74,7 +76,9 @@ class TrainedModel:
         are off; the same seed gives the same text. With `stop`, the text ends at the first
         occurrence of `stop` in it, `stop` included. Prompt characters outside the vocabulary:
         a `UserError`, or dropped with unknown="skip"."""
-        check_sampling_args(length, temperature, top_k, self.vocab.size, top_p)
+        shape = SampleConfig(prompt=prompt, length=length, temperature=temperature)
+        drawn = SampleOptions(seed=seed, top_k=top_k, top_p=top_p, stop=stop, sample=shape)
+        check_sampling_args(drawn, self.vocab.size)  # As the sample command checks its flags.
         options = dict(length=length, temperature=temperature, top_k=top_k, top_p=top_p)
         options |= dict(seed=seed, unknown=unknown, stop=stop)
         if stop:  # In chunks, so that generation ends soon after the stop string.

@@ -41,6 +41,7 @@ from lstm_jax.config import Config, OptimConfig, RegularizationConfig, leaf_sett
 from lstm_jax.errors import UsageError, UserError
 from lstm_jax.generate import generate
 from lstm_jax.models import CharLSTM, count_params, forward_flops_per_char
+from lstm_jax.settings import NON_NEGATIVE, POSITIVE, check_ranges
 
 PEER_PATH = Path(__file__).resolve().parents[1] / "experiments" / "peers" / "pytorch_lstm.py"
 PEERS = ("pytorch",)
@@ -76,21 +77,27 @@ class BenchConfig(Config):
 class BenchOptions:
     """bench: what is timed, how often, and where the numbers go"""
 
-    vocab_size: int = setting(96, "Characters in the vocabulary (random ids); Dracula has 96.")
-    untimed_steps: int = setting(3, "Untimed training steps after the compiling first call.")
-    windows: int = setting(5, "Timed windows (and generation calls); medians are reported.")
-    steps_per_window: int = setting(10, "Training steps per timed window.")
-    generate_length: int = setting(500, "Characters generated per timed sampling call.")
+    vocab_size: int = setting(
+        96, "Characters in the vocabulary (random ids); Dracula has 96.", within=POSITIVE
+    )
+    untimed_steps: int = setting(
+        3, "Untimed training steps after the compiling first call.", within=NON_NEGATIVE
+    )
+    windows: int = setting(5, "Timed windows (and generation calls); medians.", within=POSITIVE)
+    steps_per_window: int = setting(10, "Training steps per timed window.", within=POSITIVE)
+    generate_length: int = setting(500, "Characters per timed sampling call.", within=POSITIVE)
     matmul_size: int = setting(
         0, "Side of the square matmul (in --dtype) timed as the peak FLOP/s; 0: 2048 on CPU, "
-        "8192 on accelerators."
+        "8192 on accelerators.", within=NON_NEGATIVE,
     )  # fmt: skip
     compare: str = setting(
         "", "Also time the same model in this framework, window by window in turn with JAX; it "
         "needs the peer's step (--cell=lstm, float32, Adam, no dropout). Empty: JAX only.",
         choices=("", *PEERS),
     )  # fmt: skip
-    devices: int = setting(0, "Local devices to train on, data parallel; 0: all of them.")
+    devices: int = setting(
+        0, "Local devices to train on, data parallel; 0: all of them.", within=NON_NEGATIVE
+    )
     json_path: str = setting("bench.json", "Where to write every number, as JSON.", flag="json")
 
 
@@ -98,14 +105,9 @@ def validate(config: Config, options: BenchOptions, local_device_count: int) -> 
     """Raise `UsageError` naming the first impossible setting; before any compile or import.
     Sizes whose rough memory estimate exceeds the machine's RAM are refused (`lstm_jax.memory`)."""
     config.validate()
-    for name in ("vocab_size", "windows", "steps_per_window", "generate_length"):
-        if getattr(options, name) <= 0:
-            raise UsageError(f"--{name} must be positive, got {getattr(options, name)}.")
-    for name in ("untimed_steps", "matmul_size"):
-        if getattr(options, name) < 0:
-            raise UsageError(f"--{name} must be >= 0, got {getattr(options, name)}.")
+    check_ranges(options)
     count, batch = local_device_count, config.data.global_batch
-    if not 0 <= options.devices <= count:
+    if options.devices > count:
         raise UsageError(f"--devices must be in [0, {count}] (0: all), got {options.devices}.")
     num_devices = options.devices or count
     if batch % num_devices:

@@ -17,19 +17,17 @@ import sys
 import tempfile
 import textwrap
 from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
 from typing import Any
 
 from absl import app, flags, logging
 
 from lstm_jax.config import field_types, is_section, leaf_fields, leaf_settings
 from lstm_jax.errors import UsageError, UserError
+from lstm_jax.settings import check_ranges, flag_name
 from lstm_jax.textfile import read_text_file
 
 FLAGS = flags.FLAGS
-
-
-def flag_name(field: dataclasses.Field) -> str:
-    return field.metadata.get("flag") or field.name
 
 
 def define_flags(spec: type, flag_values: flags.FlagValues = FLAGS) -> None:
@@ -57,12 +55,20 @@ def define_flags(spec: type, flag_values: flags.FlagValues = FLAGS) -> None:
 
 
 def read_flags(spec: type, flag_values: flags.FlagValues = FLAGS) -> Any:
-    """An instance of `spec` with every setting taken from the parsed flags."""
+    """An instance of `spec` with every setting taken from the parsed flags; a `UsageError` if
+    a number is outside its declared range (`settings.check_ranges`), so no command starts
+    work on one."""
+    settings = _from_flags(spec, flag_values)
+    check_ranges(settings)
+    return settings
+
+
+def _from_flags(spec: type, flag_values: flags.FlagValues) -> Any:
     types = field_types(spec)
     values = {}
     for field in dataclasses.fields(spec):
         if is_section(field):
-            values[field.name] = read_flags(types[field.name], flag_values)
+            values[field.name] = _from_flags(types[field.name], flag_values)
         else:
             values[field.name] = flag_values[flag_name(field)].value
     return spec(**values)

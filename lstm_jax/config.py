@@ -13,11 +13,17 @@ Only the command-line modules read absl flags; tests and notebooks build a `Conf
 from __future__ import annotations
 
 import dataclasses
-import math
 from typing import Any
 
 from lstm_jax.errors import UsageError
 from lstm_jax.settings import (  # The walkers are re-exported: config is where callers look.
+    NON_NEGATIVE,
+    POSITIVE,
+    RATE,
+    SEED,
+    Range,
+    check_choices,
+    check_ranges,
     field_types,  # noqa: F401
     from_dict,  # noqa: F401
     is_section,  # noqa: F401
@@ -45,7 +51,9 @@ class DataConfig:
         "over --gutenberg and --data_url. None of the three: Dracula, bundled, no network.",
     )
     gutenberg: int = setting(
-        0, "Project Gutenberg book number to download once and train on (1342, say); 0: none."
+        0,
+        "Project Gutenberg book number to download once and train on (1342, say); 0: none.",
+        within=NON_NEGATIVE,
     )
     data_url: str = setting(
         "", "URL of a plain-text Project Gutenberg book to train on; --gutenberg wins over it."
@@ -53,7 +61,7 @@ class DataConfig:
     data_dir: str = setting("~/.cache/lstm_jax", "Download cache (--gutenberg, --data_url).")
     encoding: str = setting("utf-8", "Text encoding of the input files.")
     max_text_mb: float = setting(
-        1024.0, "Largest text to read, in MB (2**20 bytes) over all files; more is refused unread."
+        1024.0, "Largest text to read, in MB (2**20 bytes), all files together.", within=POSITIVE
     )
     lowercase: bool = setting(False, "Lower-case the text (smaller vocabulary).", must_match=True)
     val_fraction: float = setting(
@@ -61,18 +69,23 @@ class DataConfig:
         "Fraction held out for validation, just before the test part of every file: it picks "
         "the best checkpoint (and every hyperparameter).",
         must_match=True,
+        within=Range(0, 1, low_open=True, high_open=True),
     )
     test_fraction: float = setting(
         0.1,
         "Fraction held out for the test: the end of every file, scored once, with the best "
         "checkpoint, at the end of a run (and by python -m lstm_jax.evaluate). 0: none.",
         must_match=True,
+        within=RATE,
     )
-    seq_len: int = setting(100, "Characters per training sequence (BPTT length).", must_match=True)
+    seq_len: int = setting(
+        100, "Characters per training sequence (BPTT length).", must_match=True, within=POSITIVE
+    )
     global_batch: int = setting(
         64,
         "Sequences per step over all devices; must divide by the device count.",
         must_match=True,
+        within=POSITIVE,
     )
     carry_state: bool = setting(
         True,
@@ -80,7 +93,13 @@ class DataConfig:
         "style). Off: independent random windows from a zero state.",
         must_match=True,
     )
-    seed: int = setting(0, "Seed for initialisation, batches, dropout, samples.", must_match=True)
+    seed: int = setting(
+        0,
+        "Seed for initialisation, batches, dropout and samples; 32 bits, what JAX's random "
+        "keys hold.",
+        must_match=True,
+        within=SEED,
+    )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -97,9 +116,11 @@ class ModelConfig:
         "Recurrent cell of every layer, a key of lstm_jax.cells.CELLS (lstm is "
         "nn.OptimizedLSTMCell).",
     )
-    embed_dim: int = setting(64, "Character embedding size; 0: one-hot characters, no table.")
-    hidden: int = setting(512, "Units (cell width) per layer.")
-    num_layers: int = setting(2, "Number of stacked layers.")
+    embed_dim: int = setting(
+        64, "Character embedding size; 0: one-hot characters, no table.", within=NON_NEGATIVE
+    )
+    hidden: int = setting(512, "Units (cell width) per layer.", within=POSITIVE)
+    num_layers: int = setting(2, "Number of stacked layers.", within=POSITIVE)
     residual: bool = setting(
         False, "Residual connections: add each layer's input to its output, from layer 2 on."
     )
@@ -110,11 +131,11 @@ class ModelConfig:
     )
     mogrifier_rounds: int = setting(
         5, "--cell=mogrifier: rounds of mutual gating of the input and the state before each "
-        "step (0: a plain LSTM)."
+        "step (0: a plain LSTM).", within=NON_NEGATIVE,
     )  # fmt: skip
     mogrifier_rank: int = setting(
         0, "--cell=mogrifier: rank of each round's gating matrix (a product of two thin ones); "
-        "0: full rank."
+        "0: full rank.", within=NON_NEGATIVE,
     )  # fmt: skip
 
 
@@ -122,7 +143,7 @@ class ModelConfig:
 class RegularizationConfig:
     """Regularisers active in training only; evaluation and sampling run without them."""
 
-    dropout: float = setting(0.2, "Dropout rate in [0, 1); where it applies: --dropout_at.")
+    dropout: float = setting(0.2, "Dropout rate; where it applies: --dropout_at.", within=RATE)
     dropout_at: str = setting(
         "between",
         "Where --dropout applies. between: between stacked layers and before the output "
@@ -137,16 +158,16 @@ class RegularizationConfig:
     embed_dropout: float = setting(
         0.0, "Drop whole characters: at each step every character's embedding row (its "
         "one-hot input without an embedding) is zeroed with this probability, in all its "
-        "occurrences (AWD-LSTM's embedding dropout); in [0, 1)."
+        "occurrences (AWD-LSTM's embedding dropout).", within=RATE,
     )  # fmt: skip
     input_dropout: float = setting(
         0.0, "Dropout on the first layer's input, the embedded characters (one mask per "
-        "sequence with --variational_dropout); in [0, 1)."
+        "sequence with --variational_dropout).", within=RATE,
     )  # fmt: skip
     weight_drop: float = setting(
         0.0, "DropConnect on the recurrent (hidden-to-hidden) kernels, one mask per step of "
-        "the optimizer shared by all time steps (AWD-LSTM's weight drop); in [0, 1). For the "
-        "cells with such kernels (all but minlstm)."
+        "the optimizer shared by all time steps (AWD-LSTM's weight drop), for the cells with "
+        "such kernels (all but minlstm).", within=RATE,
     )  # fmt: skip
 
 
@@ -172,21 +193,29 @@ class OptimConfig:
     """The optimizer and its learning-rate schedule."""
 
     optimizer: str = setting("adamw", "Optimizer.", choices=OPTIMIZERS)
-    learning_rate: float = setting(2e-3, "Peak learning rate.")
-    weight_decay: float = setting(0.01, "Decoupled weight decay (adamw only).")
-    warmup_steps: int = setting(100, "Steps of linear learning-rate warm-up from 0.")
+    learning_rate: float = setting(2e-3, "Peak learning rate.", within=POSITIVE)
+    weight_decay: float = setting(0.01, "Decoupled weight decay (adamw).", within=NON_NEGATIVE)
+    warmup_steps: int = setting(
+        100, "Steps of linear learning-rate warm-up from 0.", within=NON_NEGATIVE
+    )
     schedule: str = setting(
         "cosine",
         "After warm-up: constant, or cosine decay to 10% of the peak at the last step.",
         choices=SCHEDULES,
     )
-    grad_clip: float = setting(5.0, "Clip gradients to this global norm; 0 turns clipping off.")
-    num_steps: int = setting(0, "Training steps; 0: --num_epochs passes over the text.")
-    num_epochs: float = setting(12.0, "Passes over the training text, used when --num_steps=0.")
+    grad_clip: float = setting(
+        5.0, "Clip gradients to this global norm; 0 turns clipping off.", within=NON_NEGATIVE
+    )
+    num_steps: int = setting(
+        0, "Training steps; 0: --num_epochs passes over the text.", within=NON_NEGATIVE
+    )
+    num_epochs: float = setting(
+        12.0, "Passes over the training text, used when --num_steps=0.", within=NON_NEGATIVE
+    )
     ema_decay: float = setting(
         0.0, "Keep an exponential moving average of the parameters with this decay (0.999, "
         "say; warmed up as min(decay, (1 + step) / (10 + step))), evaluated beside them; the "
-        "better of the two on validation is the checkpoint's model. 0: off."
+        "better of the two on validation is the checkpoint's model. 0: off.", within=RATE,
     )  # fmt: skip
 
 
@@ -199,13 +228,21 @@ class LoopConfig:
         "Run folder: checkpoints, metrics.jsonl, flags.txt. Running the same command again "
         "resumes from it.",
     )
-    log_every: int = setting(50, "Log progress every N steps.")
-    eval_every: int = setting(200, "Evaluate on the whole validation text every N steps.")
-    checkpoint_every: int = setting(
-        200, "Save a checkpoint (after a validation run) every N steps, and always at the end."
+    log_every: int = setting(50, "Log progress every N steps.", within=POSITIVE)
+    eval_every: int = setting(
+        200, "Evaluate on the whole validation text every N steps.", within=POSITIVE
     )
-    keep_checkpoints: int = setting(2, "Latest checkpoints to keep, besides the best one.")
-    sample_every: int = setting(0, "Print a sample every N steps; 0: only at the end.")
+    checkpoint_every: int = setting(
+        200,
+        "Save a checkpoint (after a validation run) every N steps, and always at the end.",
+        within=POSITIVE,
+    )
+    keep_checkpoints: int = setting(
+        2, "Latest checkpoints to keep, besides the best one.", within=POSITIVE
+    )
+    sample_every: int = setting(
+        0, "Print a sample every N steps; 0: only at the end.", within=NON_NEGATIVE
+    )
     restart: bool = setting(
         False, "Set aside the checkpoints in --workdir (renamed, not deleted); start afresh."
     )
@@ -239,8 +276,10 @@ class SampleConfig:
         "Text to start generating from. Empty: a newline (sample) or a random 100-character "
         "window of the validation text (main).",
     )
-    length: int = setting(300, "Characters to generate.")
-    temperature: float = setting(0.8, "Sampling temperature; 0 is greedy argmax.")
+    length: int = setting(300, "Characters to generate.", within=POSITIVE)
+    temperature: float = setting(
+        0.8, "Sampling temperature; 0 is greedy argmax.", within=NON_NEGATIVE
+    )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -282,8 +321,8 @@ class Config:
 
     def validate(self, device_count: int | None = None) -> None:
         """Raise `UsageError` naming the first impossible setting; cheap, before any compile."""
-        _check_choices(self)
-        _check_ranges(self)
+        check_choices(self)
+        check_ranges(self)
         _check_combinations(self)
         if device_count is not None and self.data.global_batch % device_count:
             raise UsageError(
@@ -316,43 +355,13 @@ def model_config_from_settings(saved: dict[str, Any]) -> ModelConfig:
 
 # --- Validation ------------------------------------------------------------------------------
 
-# Settings that must be > 0, and those that must be >= 0; every float must also be finite.
-_POSITIVE = (
-    "seq_len global_batch hidden num_layers log_every eval_every checkpoint_every "
-    "keep_checkpoints learning_rate max_text_mb"
-).split()
-_NON_NEGATIVE = (
-    "embed_dim num_steps warmup_steps sample_every weight_decay grad_clip length temperature "
-    "mogrifier_rounds mogrifier_rank"
-).split()
 
+def _check_combinations(config: Config) -> None:
+    """The checks that need more than one setting (each setting is in its range by now)."""
+    # Imported here, so that config stays free of Flax.
+    from lstm_jax.cells import CELLS, cell_steps_in_scan, cell_takes_dtype
 
-def _check_choices(config: Config) -> None:
-    for f, value in leaf_settings(config):
-        choices = f.metadata.get("choices")
-        if choices and value not in choices:
-            raise UsageError(f"--{f.name} must be one of {', '.join(choices)}, got {value!r}.")
-
-
-def _check_ranges(config: Config) -> None:
-    for f, value in leaf_settings(config):
-        if isinstance(value, float) and not math.isfinite(value):
-            raise UsageError(f"--{f.name} must be a finite number, got {value}.")
-        if f.name in _POSITIVE and not value > 0:
-            raise UsageError(f"--{f.name} must be positive, got {value}.")
-        if f.name in _NON_NEGATIVE and value < 0:
-            raise UsageError(f"--{f.name} must be >= 0, got {value}.")
-    for name in ("dropout", "embed_dropout", "input_dropout", "weight_drop"):
-        rate = getattr(config.regularization, name)
-        if not 0.0 <= rate < 1.0:
-            raise UsageError(f"--{name} must be in [0, 1), got {rate}.")
-    if not 0.0 <= config.optim.ema_decay < 1.0:
-        raise UsageError(f"--ema_decay must be in [0, 1) (0: off), got {config.optim.ema_decay}.")
-    data = config.data
-    if not 0.0 < data.val_fraction < 1.0:
-        raise UsageError(f"--val_fraction must be in (0, 1), got {data.val_fraction}.")
-    if not 0.0 <= data.test_fraction < 1.0:
-        raise UsageError(f"--test_fraction must be in [0, 1), got {data.test_fraction}.")
+    model, compute, data = config.model, config.compute, config.data
     if data.val_fraction + data.test_fraction >= 1.0:
         raise UsageError(
             f"--val_fraction={data.val_fraction} and --test_fraction={data.test_fraction} "
@@ -360,18 +369,11 @@ def _check_ranges(config: Config) -> None:
         )
     if config.optim.num_steps == 0 and not config.optim.num_epochs > 0:
         raise UsageError("Set --num_steps or a positive --num_epochs.")
-
-
-def _check_combinations(config: Config) -> None:
-    # Imported here, so that config stays free of Flax.
-    from lstm_jax.cells import CELLS, cell_steps_in_scan, cell_takes_dtype
-
-    model, compute = config.model, config.compute
     if config.init.extend_vocab and not config.init.init_from:
         raise UsageError("--extend_vocab extends a checkpoint's vocabulary; it needs --init_from.")
     if config.optim.weight_decay > 0 and config.optim.optimizer != "adamw":
         raise UsageError("--weight_decay needs --optimizer=adamw.")
-    if model.cell not in CELLS:
+    if model.cell not in CELLS:  # Cells may register after the flags are defined.
         raise UsageError(f"--cell must be one of {', '.join(CELLS)}, got {model.cell!r}.")
     if compute.dtype != "float32" and not cell_takes_dtype(model.cell):
         takes = ", ".join(name for name in CELLS if cell_takes_dtype(name))
@@ -393,7 +395,6 @@ def _check_combinations(config: Config) -> None:
         )
     if model.tie_embeddings and model.embed_dim != model.hidden:
         raise UsageError(
-            "--tie_embeddings needs --embed_dim equal to --hidden (the output layer reuses "
-            f"the embedding table), got --embed_dim={model.embed_dim} and "
-            f"--hidden={model.hidden}."
+            "--tie_embeddings needs --embed_dim equal to --hidden (the output layer reuses the "
+            f"embedding table), got --embed_dim={model.embed_dim} and --hidden={model.hidden}."
         )

@@ -31,6 +31,7 @@ from absl import logging
 
 from lstm_jax.config import setting
 from lstm_jax.errors import UsageError, UserError
+from lstm_jax.settings import NON_NEGATIVE, Range
 
 MODES = ("auto", "on", "off")
 # GKE's TPU node pools set these; a Cloud TPU VM has libtpu (from `jax[tpu]`) instead.
@@ -51,8 +52,12 @@ class DistributedOptions:
     coordinator_address: str = setting(
         "", "HOST:PORT of process 0, for clusters JAX does not detect (and tests). Empty: detect."
     )
-    num_processes: int = setting(0, "Processes in the job, with --coordinator_address. 0: detect.")
-    process_id: int = setting(-1, "This process's index in [0, --num_processes). -1: detect.")
+    num_processes: int = setting(
+        0, "Processes in the job, with --coordinator_address. 0: detect.", within=NON_NEGATIVE
+    )
+    process_id: int = setting(
+        -1, "This process's index in [0, --num_processes). -1: detect.", within=Range(-1)
+    )
     coordinator_bind_address: str = setting(
         "",
         "HOST:PORT that process 0's coordinator listens on, e.g. 127.0.0.1:PORT so that only "

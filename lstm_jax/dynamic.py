@@ -29,8 +29,8 @@ import optax
 
 from lstm_jax.config import setting
 from lstm_jax.data import Batcher, eval_streams
-from lstm_jax.errors import UsageError
 from lstm_jax.models import CharLSTM
+from lstm_jax.settings import NON_NEGATIVE, POSITIVE
 
 
 @dataclasses.dataclass(frozen=True)
@@ -39,30 +39,22 @@ class DynamicConfig:
 
     dynamic_lr: float = setting(
         3e-5, "Dynamic evaluation's learning rate (on RMS-normalised gradients); tune it on "
-        "validation (--split=val)."
+        "validation (--split=val).", within=NON_NEGATIVE,
     )  # fmt: skip
     dynamic_decay: float = setting(
         2e-3, "Dynamic evaluation's decay of the adapted weights back towards the trained ones, "
-        "per segment (scaled per parameter by its gradient RMS); 0: none."
+        "per segment (scaled per parameter by its gradient RMS); 0: none.", within=NON_NEGATIVE,
     )  # fmt: skip
     dynamic_segment: int = setting(
-        50, "Characters scored between two updates of dynamic evaluation."
+        50, "Characters scored between two updates of dynamic evaluation.", within=POSITIVE
     )  # fmt: skip
-    dynamic_epsilon: float = setting(2e-5, "Added to the gradient RMS before dividing by it.")
+    dynamic_epsilon: float = setting(
+        2e-5, "Added to the gradient RMS before dividing by it.", within=NON_NEGATIVE
+    )
     dynamic_stat_batches: int = setting(
         40, "Training batches (of the run's --global_batch x --seq_len) that the gradient RMS "
-        "is measured on, from the start of the training text."
+        "is measured on, from the start of the training text.", within=POSITIVE,
     )  # fmt: skip
-
-    def check(self) -> None:
-        """Raise `UsageError` naming the first impossible setting."""
-        for name in ("dynamic_lr", "dynamic_decay", "dynamic_epsilon"):
-            value = getattr(self, name)
-            if not (np.isfinite(value) and value >= 0):
-                raise UsageError(f"--{name} must be a finite number >= 0, got {value}.")
-        for name in ("dynamic_segment", "dynamic_stat_batches"):
-            if getattr(self, name) < 1:
-                raise UsageError(f"--{name} must be positive, got {getattr(self, name)}.")
 
 
 def gradient_rms(model: CharLSTM, params: Any, batcher: Batcher, num_batches: int) -> Any:

@@ -34,6 +34,7 @@ from lstm_jax.data import Batcher, Split, Vocab, eval_streams, load_split
 from lstm_jax.dynamic import DynamicConfig
 from lstm_jax.errors import UsageError, UserError
 from lstm_jax.models import Carry, CharLSTM
+from lstm_jax.settings import POSITIVE
 
 Streams = tuple[np.ndarray, np.ndarray, np.ndarray]  # inputs, targets, weights: [chunks, rows, T]
 
@@ -116,7 +117,7 @@ class EvaluateOptions:
     )  # fmt: skip
     streams: int = setting(
         1, "Read the text as this many contiguous streams, each from a zero state (faster on "
-        "an accelerator; each stream start costs a little)."
+        "an accelerator; each stream start costs a little).", within=POSITIVE,
     )  # fmt: skip
     dynamic: bool = setting(False, "Dynamic evaluation: adapt the weights as the text is read.")
     dynamic_options: DynamicConfig = section(DynamicConfig)
@@ -128,9 +129,6 @@ def main(argv: list[str]) -> None:
         options = cli.read_flags(EvaluateOptions)
         if options.text and cli.FLAGS["split"].present:
             raise UsageError("--text and --split both choose the text; pass only one.")
-        if options.streams < 1:
-            raise UsageError(f"--streams must be positive, got {options.streams}.")
-        options.dynamic_options.check()
         started = time.perf_counter()
         model, params, vocab, step, meta = restore_model(options.workdir, options.checkpoint)
         which = "EMA parameters" if meta.get("selected") == "ema_params" else "parameters"

@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from lstm_jax.data import Vocab
-from lstm_jax.errors import UsageError, UserError
+from lstm_jax.errors import UserError
 from lstm_jax.models import CharLSTM
 
 # Characters per row per jitted call when streaming. A call costs about 1.2 ms beyond its
@@ -239,19 +239,6 @@ def stream_text(
         yield pieces
         if all(done):
             return
-
-
-def check_sampling_args(
-    length: int, temperature: float, top_k: int, vocab_size: int, top_p: float = 1.0
-) -> None:
-    if length <= 0:
-        raise UsageError(f"--length must be positive, got {length}.")
-    if temperature < 0:
-        raise UsageError(f"--temperature must be >= 0 (0 is greedy), got {temperature}.")
-    if top_k and not 1 <= top_k <= vocab_size:
-        raise UsageError(f"--top_k must be 0 (off) or in [1, {vocab_size}], got {top_k}.")
-    if not 0 < top_p <= 1:
-        raise UsageError(f"--top_p must be in (0, 1] (1: off), got {top_p}.")
 
 
 def sample_for_log(

@@ -24,9 +24,10 @@ def main(argv: list[str]) -> None:
         cli.refuse_positional_arguments(argv)
         config = cli.read_flags(Config)
         config.validate()
+        job = cli.read_flags(DistributedOptions)  # Its numbers checked, before any download.
         corpus.source_files(config.data)  # A bad --data_path or download: before any write.
         # Before anything touches a device: JAX refuses to join a job after that.
-        distributed.initialize(cli.read_flags(DistributedOptions))
+        distributed.initialize(job)
         if jax.process_index() != 0:
             logging.set_verbosity(logging.WARNING)  # One voice per job; warnings from all.
         logging.info(

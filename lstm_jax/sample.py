@@ -17,6 +17,7 @@ import sys
 from lstm_jax import cli
 from lstm_jax.config import SampleConfig, section, setting
 from lstm_jax.errors import UsageError
+from lstm_jax.settings import NON_NEGATIVE, POSITIVE, SEED, Range, check_ranges
 
 
 @dataclasses.dataclass(frozen=True)
@@ -25,11 +26,17 @@ class SampleOptions:
 
     workdir: str = setting("runs/default", "Run folder of the model to sample from.")
     checkpoint: str = setting("best", "Checkpoint to sample from: latest, best or a step number.")
-    seed: int = setting(0, "Seed of the random draws: the same seed gives the same text.")
-    top_k: int = setting(0, "Sample from the k most likely characters; 0: all.")
+    seed: int = setting(
+        0, "Seed of the random draws: the same seed gives the same text; 32 bits, what JAX's "
+        "random keys hold.", within=SEED,
+    )  # fmt: skip
+    top_k: int = setting(
+        0, "Sample from the k most likely characters (at most the vocabulary's size); 0: all.",
+        within=NON_NEGATIVE,
+    )  # fmt: skip
     top_p: float = setting(
         1.0, "Nucleus sampling: draw from the fewest most likely characters whose probability "
-        "reaches p (after --temperature and --top_k), in (0, 1]; 1: off."
+        "reaches p (after --temperature and --top_k); 1: off.", within=Range(0, 1, low_open=True),
     )  # fmt: skip
     stop: str = setting(
         "", "End each sample at the first occurrence of this text in it, which is printed "
@@ -38,7 +45,7 @@ class SampleOptions:
     prompt_file: str = setting(
         "", "UTF-8 file whose whole text (newlines included) is the prompt, instead of --prompt."
     )
-    num_samples: int = setting(1, "Samples to generate at once.")
+    num_samples: int = setting(1, "Samples to generate at once.", within=POSITIVE)
     unknown: str = setting(
         "error",
         "Prompt characters outside the vocabulary: stop with an error, or skip them.",
@@ -47,12 +54,22 @@ class SampleOptions:
     sample: SampleConfig = section(SampleConfig)
 
 
+def check_sampling_args(options: SampleOptions, vocab_size: int) -> None:
+    """Raise `UsageError` naming the first impossible sampling setting: one outside its range,
+    or a --top_k above the vocabulary's size."""
+    check_ranges(options)
+    if options.top_k > vocab_size:
+        raise UsageError(
+            f"--top_k must be 0 (off) or in [1, {vocab_size}] (the vocabulary), got "
+            f"{options.top_k}."
+        )
+
+
 def read_prompt(options: SampleOptions, stop_given: bool = False) -> str:
-    """The prompt (from --prompt or --prompt_file), after checking the flags that need no model."""
+    """The prompt (from --prompt or --prompt_file), after checking the flags that need no model
+    (the numbers are checked when the flags are read)."""
     if stop_given and not options.stop:
         raise UsageError("--stop must not be empty; leave the flag out for no stop.")
-    if not 0 < options.top_p <= 1:
-        raise UsageError(f"--top_p must be in (0, 1] (1: off), got {options.top_p}.")
     if not options.prompt_file:
         return options.sample.prompt
     if options.sample.prompt:
@@ -65,14 +82,12 @@ def main(argv: list[str]) -> None:
         cli.refuse_positional_arguments(argv)
         options = cli.read_flags(SampleOptions)
         prompt = read_prompt(options, stop_given=bool(cli.FLAGS["stop"].present))
-        from lstm_jax.api import restore
-        from lstm_jax.generate import check_sampling_args, stream_text
+        from lstm_jax.checkpoint import restore_model
+        from lstm_jax.generate import stream_text
 
-        model, params, vocab, step, meta = restore(options.workdir, options.checkpoint)
+        model, params, vocab, step, meta = restore_model(options.workdir, options.checkpoint)
+        check_sampling_args(options, vocab.size)
         text_options = options.sample
-        check_sampling_args(
-            text_options.length, text_options.temperature, options.top_k, vocab.size
-        )
         pieces = stream_text(
             model,
             params,

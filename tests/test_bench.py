@@ -168,6 +168,29 @@ def test_bench_times_other_cells(tmp_path, cell):
     assert "utilisation" in run.stdout
 
 
+BAD_BENCH = [
+    # (args, the one error line's phrase): each refused before anything is compiled.
+    (["--vocab_size=0"], "--vocab_size must be > 0, got 0."),
+    (["--windows=0"], "--windows must be > 0, got 0."),
+    (["--steps_per_window=-2"], "--steps_per_window must be > 0, got -2."),
+    (["--generate_length=0"], "--generate_length must be > 0, got 0."),
+    (["--untimed_steps=-1"], "--untimed_steps must be >= 0, got -1."),
+    (["--matmul_size=-1"], "--matmul_size must be >= 0, got -1."),
+    (["--devices=-1"], "--devices must be >= 0, got -1."),
+    (["--hidden=0"], "--hidden must be > 0, got 0."),  # A training setting, timed by bench.
+    (["--learning_rate=nan"], "--learning_rate must be a finite number > 0, got nan."),
+]
+
+
+@pytest.mark.parametrize("args, phrase", BAD_BENCH, ids=[b[1].split()[0] for b in BAD_BENCH])
+def test_bench_refuses_sizes_out_of_range_in_one_line(tmp_path, args, phrase):
+    result = run_module("lstm_jax.bench", *TINY_FLAGS, f"--json={tmp_path}/b.json", *args)
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert "Traceback" not in result.stderr and not (tmp_path / "b.json").exists()
+    error_lines = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(error_lines) == 1 and phrase in error_lines[0], result.stderr[-2000:]
+
+
 def test_help_lists_the_training_and_bench_flags_by_section():
     result = run_module("lstm_jax.bench", "--help", timeout=120)  # absl exits 1 after --help.
     assert "Traceback" not in result.stderr

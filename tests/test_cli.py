@@ -183,6 +183,15 @@ BAD_INPUTS = [
     ("negative test_fraction", ["--test_fraction=-0.1"], 2, "--test_fraction"),
     ("weight_drop 1", ["--weight_drop=1"], 2, "--weight_drop"),
     ("ema_decay 1", ["--ema_decay=1"], 2, "--ema_decay"),
+    # absl parses "inf" and "nan" as floats: each float is checked finite, each number in range.
+    ("learning_rate inf", ["--learning_rate=inf"], 2, "--learning_rate must be a finite number"),
+    ("weight_decay nan", ["--weight_decay=nan"], 2, "--weight_decay must be a finite number"),
+    ("num_epochs inf", ["--num_epochs=inf", "--num_steps=0"], 2, "--num_epochs must be a finite"),
+    ("negative seed", ["--seed=-1"], 2, "--seed must be in [0, 4294967295], got -1."),
+    ("seed past 32 bits", ["--seed=4294967296"], 2, "--seed must be in [0, 4294967295]"),
+    ("seed past 64 bits", ["--seed=99999999999999999999999"], 2, "--seed must be in [0, 429"),
+    ("negative gutenberg", ["--gutenberg=-3"], 2, "--gutenberg must be >= 0, got -3."),
+    ("process_id -2", ["--process_id=-2"], 2, "--process_id must be >= -1, got -2."),
     ("unknown schedule", ["--schedule=linear"], 1, "--schedule=linear: value should be one of"),
     ("seq_len > validation", ["--seq_len=2000", "--global_batch=1"], 2, "--seq_len"),
     ("sampling-only flag", ["--top_k=5"], 1, "Unknown command line flag 'top_k'"),
@@ -222,6 +231,10 @@ def test_bad_sampling_input_gives_one_clear_line_and_keeps_checkpoints(smoke_wor
         ([f"--workdir={workdir}", "--prompt=Zoë ☃"], 1, "--unknown=skip"),
         ([f"--workdir={workdir}", "--length=0"], 2, "--length"),
         ([f"--workdir={workdir}", "--temperature=-1"], 2, "--temperature"),
+        # NaN compares false with 0, so it was greedy sampling; -1 samples was a traceback.
+        ([f"--workdir={workdir}", "--temperature=nan"], 2, "--temperature must be a finite"),
+        ([f"--workdir={workdir}", "--num_samples=-1"], 2, "--num_samples must be > 0, got -1."),
+        ([f"--workdir={workdir}", "--seed=-1"], 2, "--seed must be in [0, 4294967295], got -1."),
         ([f"--workdir={workdir}", "--top_k=1000"], 2, "--top_k"),
         # The model comes from the checkpoint: sample has no model or training flags.
         ([f"--workdir={workdir}", "--hidden=512"], 1, "Unknown command line flag 'hidden'"),

@@ -187,3 +187,24 @@ def test_evaluate_refuses_two_texts(trained):
     )
     assert both.returncode == 2 and both.stderr.strip().splitlines()[-1].startswith("error:")
     assert "pass only one" in both.stderr and "Traceback" not in both.stderr
+
+
+BAD_EVALUATE = [
+    # (name, args, the one error line's phrase): each refused before the checkpoint is read.
+    ("no streams", ["--streams=0"], "--streams must be > 0, got 0."),
+    ("dynamic_lr nan", ["--dynamic", "--dynamic_lr=nan"], "--dynamic_lr must be a finite number"),
+    ("dynamic_decay -1", ["--dynamic", "--dynamic_decay=-1"], "--dynamic_decay must be >= 0"),
+    ("dynamic_epsilon inf", ["--dynamic", "--dynamic_epsilon=inf"], "--dynamic_epsilon must be a"),
+    ("dynamic_segment 0", ["--dynamic", "--dynamic_segment=0"], "--dynamic_segment must be > 0"),
+    ("no stat batches", ["--dynamic", "--dynamic_stat_batches=0"], "--dynamic_stat_batches must"),
+]
+
+
+@pytest.mark.parametrize("name, args, phrase", BAD_EVALUATE, ids=[b[0] for b in BAD_EVALUATE])
+def test_evaluate_refuses_numbers_out_of_range_in_one_line(trained, name, args, phrase):
+    config, _ = trained
+    result = run_module("lstm_jax.evaluate", f"--workdir={config.loop.workdir}", *args)
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert "Traceback" not in result.stderr and result.stdout == ""
+    lines = [line for line in result.stderr.splitlines() if line.startswith(("error", "FATAL"))]
+    assert len(lines) == 1 and phrase in lines[0], result.stderr[-2000:]

@@ -71,7 +71,12 @@ def test_help_lists_the_commands_own_flags_grouped_with_defaults(module, shown, 
     if module == "lstm_jax.main":
         for group in ("data:", "model:", "regularization:", "optim:", "loop:", "sample:"):
             assert f"\n{group}" in result.stdout, group
-        assert "--hidden: Units (cell width) per layer. (default: 512)" in result.stdout
+        # Each number's range is said, from its declaration, before the default.
+        for line in (
+            "--hidden: Units (cell width) per layer. Must be > 0. (default: 512)",
+            "--dropout: Dropout rate; where it applies: --dropout_at. Must be in [0, 1).",
+        ):
+            assert line in result.stdout, line
 
 
 def _imports(path: Path) -> set[str]:

@@ -6,11 +6,11 @@ import numpy as np
 import pytest
 from builders import make_model
 
+from lstm_jax.config import SampleConfig
 from lstm_jax.data import Vocab
 from lstm_jax.errors import UsageError, UserError
 from lstm_jax.generate import (
     _next_token,
-    check_sampling_args,
     encode_prompt,
     generate,
     sample_text,
@@ -18,6 +18,7 @@ from lstm_jax.generate import (
     stream_tokens,
 )
 from lstm_jax.models import init_params
+from lstm_jax.sample import SampleOptions, check_sampling_args
 
 VOCAB = Vocab(" .abcdefghij")
 
@@ -100,13 +101,27 @@ def test_prompt_with_unknown_characters_is_an_error_or_skipped():
     np.testing.assert_array_equal(encode_prompt(VOCAB, "aXbé", "skip"), VOCAB.encode("ab"))
 
 
+def _options(length=5, temperature=1.0, top_k=0, top_p=1.0, seed=0) -> SampleOptions:
+    shape = SampleConfig(length=length, temperature=temperature)
+    return SampleOptions(seed=seed, top_k=top_k, top_p=top_p, sample=shape)
+
+
 @pytest.mark.parametrize(
-    "length, temperature, top_k, message",
-    [(0, 1.0, 0, "--length"), (5, -1.0, 0, "--temperature"), (5, 1.0, 13, "--top_k")],
+    "changes, message",
+    [
+        (dict(length=0), r"--length must be > 0, got 0\."),
+        (dict(temperature=-1.0), r"--temperature must be >= 0"),
+        (dict(temperature=float("nan")), r"--temperature must be a finite number >= 0, got nan"),
+        (dict(top_k=13), r"--top_k must be 0 \(off\) or in \[1, 12\]"),
+        (dict(top_k=-1), r"--top_k must be >= 0"),
+        (dict(seed=-1), r"--seed must be in \[0, 4294967295\]"),
+        (dict(seed=2**32), r"--seed must be in \[0, 4294967295\]"),
+    ],
 )
-def test_impossible_sampling_arguments_are_refused(length, temperature, top_k, message):
+def test_impossible_sampling_arguments_are_refused(changes, message):
     with pytest.raises(UsageError, match=message):
-        check_sampling_args(length, temperature, top_k, VOCAB.size)
+        check_sampling_args(_options(**changes), VOCAB.size)
+    check_sampling_args(_options(top_k=12, seed=2**32 - 1, temperature=0.0), VOCAB.size)
 
 
 def test_top_p_1_is_no_top_p_and_below_1_changes_the_draws(model_and_params):
@@ -125,8 +140,8 @@ def test_top_p_1_is_no_top_p_and_below_1_changes_the_draws(model_and_params):
 
 @pytest.mark.parametrize("top_p", [0.0, -0.1, 1.01, float("nan")])
 def test_top_p_outside_0_1_is_refused(top_p):
-    with pytest.raises(UsageError, match=r"--top_p must be in \(0, 1\]"):
-        check_sampling_args(5, 1.0, 0, VOCAB.size, top_p)
+    with pytest.raises(UsageError, match=r"--top_p must be (a finite number )?in \(0, 1\]"):
+        check_sampling_args(_options(top_p=top_p), VOCAB.size)
 
 
 @pytest.mark.parametrize("temperature, top_k, top_p", [(1.0, 0, 1.0), (0.0, 0, 1.0), (0.8, 4, 0.7)])

@@ -185,7 +185,7 @@ BAD_SAMPLING = [
     # (name, args ({tmp}: a folder of files), exit code, a phrase the one error line must hold)
     ("top_p 0", ["--top_p=0"], 2, "--top_p must be in (0, 1]"),
     ("top_p above 1", ["--top_p=1.5"], 2, "--top_p must be in (0, 1]"),
-    ("top_p nan", ["--top_p=nan"], 2, "--top_p must be in (0, 1]"),
+    ("top_p nan", ["--top_p=nan"], 2, "--top_p must be a finite number in (0, 1], got nan."),
     ("top_p not a number", ["--top_p=most"], 1, "--top_p=most"),
     ("empty stop", ["--stop="], 2, "--stop must not be empty"),
     ("missing prompt file", ["--prompt_file={tmp}/nope.txt"], 1, "does not exist"),
