@@ -84,6 +84,8 @@ REG = "tests/test_regularizers.py"
 DYN = "tests/test_dynamic.py"
 EVAL = "tests/test_evaluate.py"
 CELLS_TEST = "tests/test_cells.py"
+WORKDIR = "tests/test_workdir.py"
+HOSTILE = "tests/test_hostile.py"
 TB_TEXT = (
     "tests/test_metrics.py::test_"
     + "tensorboard_text_holds_the_runs_settings_and_the_samples_it_logged"
@@ -748,6 +750,72 @@ MUTATIONS: tuple[Mutation, ...] = (
         (CELLS_TEST,),
         "the Mogrifier gates h first, then x: not the paper's order",
         k="mogrifier",
+    ),
+    # --- The workdir under a hostile user (issue 16) -------------------------------------------
+    Mutation(
+        "lock_never_refuses",
+        "workdir.py",
+        "            if running:\n                raise UserError(",
+        "            if False:\n                raise UserError(",
+        (f"{WORKDIR}::test_a_second_claim_is_refused_naming_the_holder_and_the_first_is_released",),
+        "a second trainer on a workdir runs beside the first",
+    ),
+    Mutation(
+        "stale_lock_never_taken_over",
+        "workdir.py",
+        'return not self.started or _process_start(self.pid) in ("", self.started)',
+        "return True",
+        (WORKDIR,),
+        "a lock whose PID now belongs to another process blocks the workdir for ever",
+        k="stale",
+    ),
+    Mutation(
+        "flags_txt_written_before_the_checks",
+        "main.py",
+        "train.train_and_evaluate(config, flagfile=cli.flagfile_text(Config))",
+        "(__import__('pathlib').Path(config.loop.workdir).mkdir(parents=True, exist_ok=True), "
+        "(__import__('pathlib').Path(config.loop.workdir) / 'flags.txt').write_text("
+        "cli.flagfile_text(Config)), train.train_and_evaluate(config, "
+        "flagfile=cli.flagfile_text(Config)))",
+        (HOSTILE,),
+        "a refused run rewrites the workdir's flags.txt",
+        k="model",
+    ),
+    Mutation(
+        "failed_save_is_a_traceback",
+        "checkpoint.py",
+        "            self._save_error = SaveFailed(self, e)\n"
+        "            raise self._save_error from None",
+        "            raise",
+        (f"{WORKDIR}::test_a_save_that_fails_mid_run_stops_it_in_one_line_naming_the_last_safe_step",),
+        "a failed background save ends the run with Orbax's tracebacks",
+    ),
+    Mutation(
+        "half_deleted_steps_listed",
+        "checkpoint.py",
+        "return [step for step in self._manager.all_steps() if step not in self._partial]",
+        "return list(self._manager.all_steps())",
+        (WORKDIR,),
+        "readers list (and pick) a checkpoint whose files are half deleted",
+        k="half_deleted",
+    ),
+    Mutation(
+        "metadata_keys_unchecked",
+        "checkpoint.py",
+        "missing = [key for key in META_KEYS if not isinstance(meta, dict) or key not in meta]",
+        "missing = []",
+        (WORKDIR,),
+        "metadata without its settings reaches the readers (a KeyError traceback)",
+        k="damaged_metadata",
+    ),
+    Mutation(
+        "second_ctrl_c_is_a_traceback",
+        "stop.py",
+        "            message = self._on_second_interrupt()\n"
+        '            os.write(sys.stderr.fileno(), f"error: {message}\\n".encode())',
+        "            raise KeyboardInterrupt\n            os.write(2, b'')",
+        (f"{WORKDIR}::test_a_second_ctrl_c_stops_at_once_naming_the_step_the_next_run_resumes_from",),
+        "a second Ctrl-C gives a KeyboardInterrupt traceback",
     ),
 )
 

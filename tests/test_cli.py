@@ -164,64 +164,6 @@ def test_num_epochs_trains_the_ceiling_of_epochs_times_steps_per_epoch(
     assert Checkpoints(tmp_path / "run", read_only=True).steps() == [expected]
 
 
-def _write(path: Path, data: bytes) -> str:
-    path.write_bytes(data)
-    return str(path)
-
-
-BAD_INPUTS = [
-    # (name, args (with {tmp} and {text}), exit code, a phrase the error line must contain)
-    ("missing file", ["--data_path={tmp}/nope.txt"], 1, "does not exist"),
-    ("folder with an empty file", ["--data_path={tmp}"], 1, "empty.txt is empty"),
-    ("empty file", ["--data_path={empty}"], 1, "is empty"),
-    ("not utf-8", ["--data_path={latin1}"], 1, "--encoding"),
-    ("text too short", ["--data_path={short}"], 1, "too short"),
-    ("dropout 1.5", ["--dropout=1.5"], 2, "--dropout"),
-    ("zero batch", ["--global_batch=0"], 2, "--global_batch"),
-    ("val_fraction 0", ["--val_fraction=0"], 2, "--val_fraction"),
-    ("no training text", ["--val_fraction=0.5", "--test_fraction=0.5"], 2, "no training text"),
-    ("negative test_fraction", ["--test_fraction=-0.1"], 2, "--test_fraction"),
-    ("weight_drop 1", ["--weight_drop=1"], 2, "--weight_drop"),
-    ("ema_decay 1", ["--ema_decay=1"], 2, "--ema_decay"),
-    # absl parses "inf" and "nan" as floats: each float is checked finite, each number in range.
-    ("learning_rate inf", ["--learning_rate=inf"], 2, "--learning_rate must be a finite number"),
-    ("weight_decay nan", ["--weight_decay=nan"], 2, "--weight_decay must be a finite number"),
-    ("num_epochs inf", ["--num_epochs=inf", "--num_steps=0"], 2, "--num_epochs must be a finite"),
-    ("negative seed", ["--seed=-1"], 2, "--seed must be in [0, 4294967295], got -1."),
-    ("seed past 32 bits", ["--seed=4294967296"], 2, "--seed must be in [0, 4294967295]"),
-    ("seed past 64 bits", ["--seed=99999999999999999999999"], 2, "--seed must be in [0, 429"),
-    ("negative gutenberg", ["--gutenberg=-3"], 2, "--gutenberg must be >= 0, got -3."),
-    ("process_id -2", ["--process_id=-2"], 2, "--process_id must be >= -1, got -2."),
-    ("unknown schedule", ["--schedule=linear"], 1, "--schedule=linear: value should be one of"),
-    ("seq_len > validation", ["--seq_len=2000", "--global_batch=1"], 2, "--seq_len"),
-    ("sampling-only flag", ["--top_k=5"], 1, "Unknown command line flag 'top_k'"),
-    ("stray argument", ["hidden=5"], 2, "Unexpected arguments"),
-]
-
-
-@pytest.mark.parametrize("name, args, code, phrase", BAD_INPUTS, ids=[b[0] for b in BAD_INPUTS])
-def test_bad_training_input_gives_one_clear_line(
-    tmp_path, small_text_path, name, args, code, phrase
-):
-    files = {
-        "tmp": str(tmp_path),
-        "text": str(small_text_path),
-        "empty": _write(tmp_path / "empty.txt", b"  \n"),
-        "latin1": _write(tmp_path / "latin1.txt", "Caf\u00e9 au lait. ".encode("latin-1") * 100),
-        "short": _write(tmp_path / "short.txt", b"Too short for a batch.\n" * 5),
-    }
-    args = [a.format(**files) for a in args]
-    if not any(a.startswith("--data_path") for a in args):
-        args.append(f"--data_path={small_text_path}")
-    result = _run("lstm_jax.main", f"--workdir={tmp_path}/run", "--num_steps=2", *args)
-    assert result.returncode == code, result.stderr[-2000:]
-    assert "Traceback" not in result.stderr
-    error_lines = [
-        line for line in result.stderr.splitlines() if line.startswith(("error", "FATAL"))
-    ]
-    assert len(error_lines) == 1 and phrase in error_lines[0], result.stderr[-2000:]
-
-
 def test_bad_sampling_input_gives_one_clear_line_and_keeps_checkpoints(smoke_workdir, tmp_path):
     workdir, _ = smoke_workdir
     before = sorted(p.name for p in (workdir / "checkpoints").iterdir())
