@@ -12,9 +12,8 @@ character are counted from the cells' matmuls (`Cell.flops_per_step`).
 
 Model, batch and step come from the training flags (`lstm_jax.main`'s), by default with the step
 the PyTorch peer runs (Adam, no dropout). `--flagfile=runs/NAME/flags.txt` (every setting of a
-run) times that run's model and step; the flags that do not change the step, such as --workdir,
-are ignored. Prints a table and writes every number to --json (in a folder that exists).
-"""
+run) times that run's model and step; the flags that do not change the step (--workdir...) are
+ignored. Prints a table and writes every number to --json (in a folder that exists)."""
 
 from __future__ import annotations
 

@@ -20,7 +20,9 @@ from lstm_jax.data import vocab_difference
 from lstm_jax.errors import UserError
 
 
-def open_checkpoints(workdir: epath.Path, *, keep: int, restart: bool, log) -> Checkpoints:
+def open_checkpoints(
+    workdir: epath.Path, *, keep: int, restart: bool, log, room_needed: int = 0
+) -> Checkpoints:
     """The run's checkpoints; with `restart`, the old ones are first renamed out of the way."""
     if restart:
         directory = checkpoint_dir(workdir)
@@ -30,7 +32,7 @@ def open_checkpoints(workdir: epath.Path, *, keep: int, restart: bool, log) -> C
             log(f"--restart: moved the old checkpoints to {aside}.")
         # No process may list the folder before process 0 has moved it.
         distributed.barrier("lstm_jax.restart")
-    return Checkpoints(workdir, keep=keep)
+    return Checkpoints(workdir, keep=keep, room_needed=room_needed)
 
 
 def resume_state(

