@@ -294,7 +294,7 @@ class Checkpoints:
     def next_resume(self) -> str:
         """Where a run started now would begin: the newest save that finished."""
         steps = committed_steps(self.directory)
-        return f"the next run resumes from step {steps[-1]}" if steps else "nothing was saved yet"
+        return f"the next run {f'resumes from step {steps[-1]}' if steps else 'starts afresh'}"
 
     def check_saves(self) -> None:
         """A `SaveFailed` if a background save has failed since the last check; cheap enough for

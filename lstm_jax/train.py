@@ -233,12 +233,12 @@ def _resume(config, model, state, checkpoints, data: RunData, devices, log):
 
 def _flush(run: _Run, step: int, pending: list) -> dict[str, float]:
     """Fetch the metrics of the steps since the last flush (one host sync) and summarise them;
-    stop on a non-finite loss, naming the steps and the last good checkpoint."""
+    stop on a non-finite loss, naming the steps and where the next run resumes."""
     train = summarise(jax.device_get(pending))
     if not math.isfinite(train["loss"]):
         raise UserError(
             f"The training loss became non-finite between steps {step - len(pending) + 1} and "
-            f"{step}; kept the last good checkpoint (step {run.checkpoints.latest_step()}). "
+            f"{step}; checkpoints kept as they were ({run.checkpoints.next_resume()}). "
             "Lower --learning_rate or --grad_clip and run again (with --restart if it "
             "diverged early)."
         )

@@ -184,7 +184,7 @@ def test_divergence_stops_with_the_step_and_keeps_the_last_good_checkpoint(
     errors = [line for line in result.stderr.splitlines() if line.startswith("error")]
     assert len(errors) == 1
     assert "non-finite between steps 41 and" in errors[0] and "--learning_rate" in errors[0]
-    assert "last good checkpoint (step 40)" in errors[0]
+    assert "kept as they were (the next run resumes from step 40)" in errors[0]
     assert sorted(p.name for p in (workdir / "checkpoints").iterdir()) == before
 
 
