@@ -127,6 +127,19 @@ def test_wavefront_with_fewer_time_steps_than_layers_and_in_bfloat16():
     np.testing.assert_allclose(got["logits"], want["logits"], atol=0.05)
 
 
+def test_remat_shrinks_the_wavefront_step_memory_as_it_does_the_layered():
+    def scratch(**settings):
+        model = make_model(VOCAB, embed_dim=16, hidden=32, num_layers=2, **settings)
+        params = init_params(model, jax.random.key(0))
+        tokens, carry = _inputs(model, length=30)
+        compiled = _run.lower(model, params, carry, tokens).compile()
+        return compiled.memory_analysis().temp_size_in_bytes
+
+    for scan in ("layered", "wavefront"):
+        stored, recomputed = scratch(scan=scan), scratch(scan=scan, remat=True)
+        assert recomputed < 0.7 * stored, (scan, stored, recomputed)
+
+
 def test_a_layered_checkpoint_resumes_with_the_wavefront(tiny_config, tmp_path):
     # --scan is a compute setting, not saved as a model setting: a run may switch it. A constant
     # schedule, so that stopping at step 4 (then resuming to 8) is the uninterrupted run.
