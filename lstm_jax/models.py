@@ -5,7 +5,9 @@ The module takes the recurrent state (one carry per layer, whatever pytree the c
 returns the new one, so training can carry state from batch to batch and sampling can advance
 one character at a time with the same parameters. The ablation switches (residual connections,
 layer norm on layer outputs, one-hot input, tied embeddings, where dropout goes) live here,
-around the cells, so every cell gets them.
+around the cells, so every cell gets them. The layers run one scan each (`--scan=layered`)
+or together as one wavefront scan (`--scan=wavefront`, `lstm_jax.wavefront`), with the same
+parameters and random draws.
 """
 
 from __future__ import annotations
