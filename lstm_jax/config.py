@@ -38,6 +38,7 @@ SCHEDULES = ("constant", "cosine")
 OPTIMIZERS = ("adam", "adamw")
 DROPOUT_PLACES = ("between", "output")
 DTYPES = ("float32", "bfloat16")
+SCANS = ("layered", "wavefront")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -176,15 +177,22 @@ class ComputeConfig:
     """How the model computes: the same results up to rounding, so checkpoints move freely."""
 
     dtype: str = setting(
-        "float32",
-        "Compute dtype of the matmuls: bfloat16 for TPUs and GPUs (lstm and gru cells). "
-        "Parameters, carried state and loss stay float32.",
-        choices=DTYPES,
-    )
+        "float32", "Compute dtype of the matmuls: bfloat16 for TPUs and GPUs (lstm and gru "
+        "cells). Parameters, carried state and loss stay float32.", choices=DTYPES,
+    )  # fmt: skip
     remat: bool = setting(
-        False,
-        "Recompute each time step in the backward pass instead of storing it: about 3x less "
-        "step memory for long --seq_len, 3-12% slower on a CPU. Same results.",
+        False, "Recompute each time step in the backward pass instead of storing it: about 3x "
+        "less step memory for long --seq_len, 3-12% slower on a CPU. Same results.",
+    )  # fmt: skip
+    scan: str = setting(
+        "layered", "How the layers run over time. layered: one scan per layer, layers x seq_len "
+        "steps in a row; wavefront: one scan, layer l at step t - l, seq_len + layers - 1 steps "
+        "in a row (for latency-bound GPUs). Same results.", choices=SCANS,
+    )  # fmt: skip
+    unroll: int = setting(
+        1,
+        "Time steps per iteration of the scan's loop (its unroll factor). Same results.",
+        within=POSITIVE,
     )
 
 
@@ -359,9 +367,9 @@ def model_config_from_settings(saved: dict[str, Any]) -> ModelConfig:
 def _check_combinations(config: Config) -> None:
     """The checks that need more than one setting (each setting is in its range by now)."""
     # Imported here, so that config stays free of Flax.
-    from lstm_jax.cells import CELLS, cell_steps_in_scan, cell_takes_dtype
+    from lstm_jax.cells import CELLS, refuse_what_the_cell_cannot_do
 
-    model, compute, data = config.model, config.compute, config.data
+    model, data = config.model, config.data
     if data.val_fraction + data.test_fraction >= 1.0:
         raise UsageError(
             f"--val_fraction={data.val_fraction} and --test_fraction={data.test_fraction} "
@@ -375,24 +383,7 @@ def _check_combinations(config: Config) -> None:
         raise UsageError("--weight_decay needs --optimizer=adamw.")
     if model.cell not in CELLS:  # Cells may register after the flags are defined.
         raise UsageError(f"--cell must be one of {', '.join(CELLS)}, got {model.cell!r}.")
-    if compute.dtype != "float32" and not cell_takes_dtype(model.cell):
-        takes = ", ".join(name for name in CELLS if cell_takes_dtype(name))
-        raise UsageError(
-            f"--dtype={compute.dtype} needs a cell with a compute dtype ({takes}); "
-            f"--cell={model.cell} computes in float32 only."
-        )
-    if config.regularization.weight_drop and not CELLS[model.cell].recurrent_kernels:
-        droppable = ", ".join(name for name in CELLS if CELLS[name].recurrent_kernels)
-        raise UsageError(
-            f"--weight_drop drops recurrent kernels ({droppable}); --cell={model.cell} has "
-            "none. Drop --weight_drop."
-        )
-    if compute.remat and not cell_steps_in_scan(model.cell):
-        steppers = ", ".join(name for name in CELLS if cell_steps_in_scan(name))
-        raise UsageError(
-            f"--remat recomputes a step-by-step scan ({steppers}); --cell={model.cell} "
-            "computes all time steps at once. Drop --remat."
-        )
+    refuse_what_the_cell_cannot_do(config)
     if model.tie_embeddings and model.embed_dim != model.hidden:
         raise UsageError(
             "--tie_embeddings needs --embed_dim equal to --hidden (the output layer reuses the "

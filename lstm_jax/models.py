@@ -5,7 +5,9 @@ The module takes the recurrent state (one carry per layer, whatever pytree the c
 returns the new one, so training can carry state from batch to batch and sampling can advance
 one character at a time with the same parameters. The ablation switches (residual connections,
 layer norm on layer outputs, one-hot input, tied embeddings, where dropout goes) live here,
-around the cells, so every cell gets them.
+around the cells, so every cell gets them. The layers run one scan each (`--scan=layered`)
+or together as one wavefront scan (`--scan=wavefront`, `lstm_jax.wavefront`), with the same
+parameters and random draws.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from lstm_jax.config import (
     RegularizationConfig,
     model_config_from_settings,
 )
+from lstm_jax.wavefront import wavefront_scan
 
 Carry = tuple[Any, ...]  # One carry per layer; for the LSTM a (c, h) pair, each [batch, hidden].
 
@@ -52,7 +55,6 @@ class CharLSTM(nn.Module):
         # Only non-default dtypes are passed on: the cells without a dtype field (lstm_ln,
         # slstm, minlstm) compute in float32, and Config.validate refuses others for them.
         cell_options = {} if dtype == jnp.float32 else {"dtype": dtype}
-        scan_options = {"remat": True} if self.compute.remat else {}  # Only cells that step.
         embed = None
         if config.embed_dim:
             embed = nn.Embed(self.vocab_size, config.embed_dim, dtype=dtype, name="embed")
@@ -74,28 +76,12 @@ class CharLSTM(nn.Module):
             x = nn.Dropout(reg.input_dropout, broadcast_dims=time_axis, name="input_dropout")(
                 x, deterministic=not train
             )
-        cell_type = CELLS[config.cell]
         cell_options = {**cell_options, **CELLS[config.cell].options(config)}
-        new_carry = []
-        for layer in range(config.num_layers):
-            layer_input = x
-            if layer > 0 and reg.dropout_at == "between":
-                # Outside the scan: one mask per character, or per sequence (variational).
-                layer_input = nn.Dropout(reg.dropout, broadcast_dims=time_axis)(
-                    x, deterministic=deterministic
-                )
-            layer_cell = cell_type
-            if train and reg.weight_drop:  # A mask of its own for every layer.
-                layer_cell = _with_weight_drop(cell_type, self, reg.weight_drop)
-            layer_carry, y = layer_cell(
-                config.hidden, name=f"{config.cell}_{layer}", **cell_options
-            ).scan(carry[layer], layer_input, **scan_options)
-            if config.layer_norm:
-                y = nn.LayerNorm(dtype=dtype, name=f"norm_{layer}")(y)
-            if config.residual and layer > 0:
-                y = y + x  # The undropped input: dropout acts on the branch, not the skip.
-            x = y
-            new_carry.append(layer_carry)
+        # The wavefront reads the parameters that the layered path creates: init goes that way.
+        layers = self._layered
+        if self.compute.scan == "wavefront" and not self.is_initializing():
+            layers = self._wavefront
+        x, new_carry = layers(carry, x, train=train, time_axis=time_axis, options=cell_options)
         x = nn.Dropout(reg.dropout, broadcast_dims=time_axis)(x, deterministic=deterministic)
         if config.tie_embeddings:
             bias = self.param("logits_bias", nn.initializers.zeros_init(), (self.vocab_size,))
@@ -103,6 +89,92 @@ class CharLSTM(nn.Module):
         else:
             logits = nn.Dense(self.vocab_size, dtype=dtype, name="logits")(x)
         return tuple(new_carry), logits.astype(jnp.float32)
+
+    def _layered(
+        self, carry: Carry, x: jax.Array, *, train: bool, time_axis: tuple[int, ...], options: dict
+    ) -> tuple[jax.Array, Carry]:
+        """The stack as one scan per layer, each over the whole sequence (`--scan=layered`)."""
+        config, reg = self.config, self.regularization
+        cell_type = CELLS[config.cell]
+        scan_options = {"remat": True} if self.compute.remat else {}  # Only cells that step.
+        if self.compute.unroll != 1:
+            scan_options["unroll"] = self.compute.unroll
+        new_carry = []
+        for layer in range(config.num_layers):
+            layer_input = x
+            if layer > 0 and reg.dropout_at == "between":
+                # Outside the scan: one mask per character, or per sequence (variational).
+                layer_input = nn.Dropout(reg.dropout, broadcast_dims=time_axis)(
+                    x, deterministic=not train
+                )
+            layer_cell = cell_type
+            if train and reg.weight_drop:  # A mask of its own for every layer.
+                layer_cell = _with_weight_drop(cell_type, self, reg.weight_drop)
+            layer_carry, y = layer_cell(
+                config.hidden, name=f"{config.cell}_{layer}", **options
+            ).scan(carry[layer], layer_input, **scan_options)
+            if config.layer_norm:
+                y = nn.LayerNorm(dtype=jnp.dtype(self.compute.dtype), name=f"norm_{layer}")(y)
+            if config.residual and layer > 0:
+                y = y + x  # The undropped input: dropout acts on the branch, not the skip.
+            x = y
+            new_carry.append(layer_carry)
+        return x, tuple(new_carry)
+
+    def _wavefront(
+        self, carry: Carry, x: jax.Array, *, train: bool, time_axis: tuple[int, ...], options: dict
+    ) -> tuple[jax.Array, Carry]:
+        """The same stack as one scan over time (`--scan=wavefront`, `lstm_jax.wavefront`): the
+        layered path's parameters, read by name, and its random draws, in the same order."""
+        config, reg = self.config, self.regularization
+        cell_type, params = CELLS[config.cell], self.variables["params"]
+        # Free modules, applied to their parameters as pure functions inside the jax.lax.scan.
+        cell = cell_type(config.hidden, parent=None, **options)
+        norm = nn.LayerNorm(dtype=jnp.dtype(self.compute.dtype), parent=None)
+        steps, masks = [], []
+        for layer in range(config.num_layers):
+            keep = None
+            if layer > 0 and reg.dropout_at == "between":
+                # The layered path's Dropout module (same name, same key), applied to ones: its
+                # mask, for the whole sequence, handed to the scan step by step.
+                ones = jnp.ones((*x.shape[:2], config.hidden), jnp.float32)
+                dropped = nn.Dropout(reg.dropout, broadcast_dims=time_axis)(
+                    ones, deterministic=not train
+                )
+                keep = dropped > 0 if train and reg.dropout > 0 else None
+            layer_params = params[f"{config.cell}_{layer}"]
+            if train and reg.weight_drop:  # Drawn in the layered path's order.
+                layer_params = drop_recurrent_kernels(
+                    cell_type, layer_params, self.make_rng("dropout"), reg.weight_drop
+                )
+            masks.append(keep)
+            steps.append(
+                functools.partial(
+                    self._layer_step, cell, norm, layer, layer_params, params.get(f"norm_{layer}")
+                )
+            )
+        carries, y = wavefront_scan(
+            steps, carry, x, masks, remat=self.compute.remat, unroll=self.compute.unroll
+        )
+        return y, carries
+
+    @nn.nowrap
+    def _layer_step(
+        self, cell: Any, norm: nn.Module, layer: int, params: Any, norm_params: Any,
+        carry: Any, x: jax.Array, keep: jax.Array | None,
+    ) -> tuple[Any, jax.Array]:  # fmt: skip
+        """One layer's time step in the wavefront, as `_layered` computes it: dropout on the
+        input, the cell, layer norm, residual."""
+        layer_input = x
+        if keep is not None:  # nn.Dropout's arithmetic, so the results match to the bit.
+            rate = self.regularization.dropout
+            layer_input = jnp.where(keep, x / (1.0 - rate), 0) if rate < 1 else jnp.zeros_like(x)
+        carry, y = cell.apply({"params": params}, carry, layer_input)
+        if self.config.layer_norm:
+            y = norm.apply({"params": norm_params}, y)
+        if self.config.residual and layer > 0:
+            y = y + x
+        return carry, y
 
     def initialize_carry(self, batch_size: int) -> Carry:
         # parent=None: a free-standing cell, only asked for its zero state.
@@ -123,18 +195,24 @@ def _with_weight_drop(cell_type: type, parent: nn.Module, rate: float) -> type:
     key = parent.make_rng("dropout")
 
     def drop(variables: dict) -> dict:
-        params = flax.core.unfreeze(variables["params"])
-        for number, path in enumerate(cell_type.recurrent_kernels):
-            *scopes, leaf = path.split("/")
-            holder = functools.reduce(lambda tree, name: tree[name], scopes, params)
-            kernel = holder[leaf]
-            keep = jax.random.bernoulli(jax.random.fold_in(key, number), 1.0 - rate, kernel.shape)
-            holder[leaf] = jnp.where(keep, kernel / (1.0 - rate), 0.0).astype(kernel.dtype)
+        params = drop_recurrent_kernels(cell_type, variables["params"], key, rate)
         return {**variables, "params": params}
 
     return nn.map_variables(
         cell_type, "params", trans_in_fn=drop, init=parent.is_initializing(), methods=["scan"]
     )
+
+
+def drop_recurrent_kernels(cell_type: type, params: Any, key: jax.Array, rate: float) -> Any:
+    """One cell's parameters with `--weight_drop`'s DropConnect mask on its recurrent kernels."""
+    params = flax.core.unfreeze(params)
+    for number, path in enumerate(cell_type.recurrent_kernels):
+        *scopes, leaf = path.split("/")
+        holder = functools.reduce(lambda tree, name: tree[name], scopes, params)
+        kernel = holder[leaf]
+        keep = jax.random.bernoulli(jax.random.fold_in(key, number), 1.0 - rate, kernel.shape)
+        holder[leaf] = jnp.where(keep, kernel / (1.0 - rate), 0.0).astype(kernel.dtype)
+    return params
 
 
 def build_model(config: Config, vocab_size: int) -> CharLSTM:

@@ -7,7 +7,8 @@ Every cell implements one interface, `Cell` (see `lstm_jax.cells.base`): a Flax 
     __call__(carry, x) -> (carry, y)     one time step: x [batch, in] -> y [batch, features]
     scan(carry, xs) -> (carry, ys)       the whole sequence [batch, time, in], which the model
                                          applies; by default __call__ under nn.scan (which
-                                         also takes remat=True, for --remat)
+                                         also takes remat=True and unroll=N, for
+                                         --remat and --unroll)
     flops_per_step(input_dim) -> int     forward matmul FLOPs of one step for one sequence, which
                                          `lstm_jax.bench` sums into the model's FLOPs per char
 
@@ -21,9 +22,11 @@ with a `Cell` subclass and add one line to `CELLS` below (README, "Add a cell").
 from __future__ import annotations
 
 import dataclasses
+from typing import Any
 
 from lstm_jax.cells import gru, lstm, lstm_ln, minlstm, mogrifier, slstm
 from lstm_jax.cells.base import Carry, Cell
+from lstm_jax.errors import UsageError
 
 CELLS: dict[str, type[Cell]] = {
     "lstm": lstm.LSTM,
@@ -36,7 +39,8 @@ CELLS: dict[str, type[Cell]] = {
 
 
 def cell_steps_in_scan(name: str) -> bool:
-    """Whether the cell uses the default `Cell.scan` (one step at a time), which `--remat` needs."""
+    """Whether the cell uses the default `Cell.scan` (one step at a time), which `--remat`,
+    `--unroll` and `--scan=wavefront` need."""
     return CELLS[name].scan is Cell.scan
 
 
@@ -45,4 +49,38 @@ def cell_takes_dtype(name: str) -> bool:
     return "dtype" in {field.name for field in dataclasses.fields(CELLS[name])}
 
 
-__all__ = ["CELLS", "Carry", "Cell", "cell_steps_in_scan", "cell_takes_dtype"]
+def refuse_what_the_cell_cannot_do(config: Any) -> None:
+    """Raise `UsageError` where a `Config` asks of its `--cell` what the cell class lacks: a
+    compute dtype, recurrent kernels to drop, or a step-by-step scan (for --remat, --unroll and
+    --scan=wavefront). The capabilities come from the classes, so a new cell needs no entry."""
+    model, compute = config.model, config.compute
+    if compute.dtype != "float32" and not cell_takes_dtype(model.cell):
+        takes = ", ".join(name for name in CELLS if cell_takes_dtype(name))
+        raise UsageError(
+            f"--dtype={compute.dtype} needs a cell with a compute dtype ({takes}); "
+            f"--cell={model.cell} computes in float32 only."
+        )
+    if config.regularization.weight_drop and not CELLS[model.cell].recurrent_kernels:
+        droppable = ", ".join(name for name in CELLS if CELLS[name].recurrent_kernels)
+        raise UsageError(
+            f"--weight_drop drops recurrent kernels ({droppable}); --cell={model.cell} has "
+            "none. Drop --weight_drop."
+        )
+    stepwise = {"--remat": compute.remat, "--scan=wavefront": compute.scan == "wavefront"}
+    asked = [flag for flag, on in {**stepwise, "--unroll": compute.unroll > 1}.items() if on]
+    if asked and not cell_steps_in_scan(model.cell):
+        steppers = ", ".join(name for name in CELLS if cell_steps_in_scan(name))
+        raise UsageError(
+            f"{asked[0]} needs a step-by-step scan ({steppers}); --cell={model.cell} computes "
+            f"all time steps at once. Drop {asked[0]}."
+        )
+
+
+__all__ = [
+    "CELLS",
+    "Carry",
+    "Cell",
+    "cell_steps_in_scan",
+    "cell_takes_dtype",
+    "refuse_what_the_cell_cannot_do",
+]

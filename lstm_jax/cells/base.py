@@ -29,7 +29,8 @@ class Cell(nn.Module):
       with a parallel form over time (minLSTM) overrides it; it must equal stepping `__call__`.
       The default also takes `remat=True` (`--remat`): each step is wrapped in `nn.remat`, so
       the backward pass recomputes the step from its carry and input instead of storing its
-      intermediate values. Same results; less memory, a little more time.
+      intermediate values. Same results; less memory, a little more time. And it takes
+      `unroll=N` (`--unroll`): N time steps per iteration of the loop XLA compiles.
 
     - `flops_per_step(input_dim) -> int`: the forward FLOPs of one time step for one sequence,
       from the cell's matmuls (a multiply-add counts 2); `lstm_jax.bench` sums it over the
@@ -69,7 +70,9 @@ class Cell(nn.Module):
         """
         raise NotImplementedError(f"{type(self).__name__} must define flops_per_step(input_dim).")
 
-    def scan(self, carry: Carry, xs: jax.Array, remat: bool = False) -> tuple[Carry, jax.Array]:
+    def scan(
+        self, carry: Carry, xs: jax.Array, remat: bool = False, unroll: int = 1
+    ) -> tuple[Carry, jax.Array]:
         def step(cell, carry, x):
             return cell(carry, x)
 
@@ -82,5 +85,6 @@ class Cell(nn.Module):
             split_rngs={"params": False, "dropout": True},
             in_axes=1,
             out_axes=1,
+            unroll=unroll,
         )
         return step_over_time(self, carry, xs)
