@@ -50,6 +50,7 @@ class Cell(nn.Module):
     """
 
     recurrent_kernels: ClassVar[tuple[str, ...]] = ()
+    hoists_input: ClassVar[bool] = False  # Whether scan takes hoist_input=True.
 
     @classmethod
     def options(cls, config: Any) -> dict[str, Any]:
