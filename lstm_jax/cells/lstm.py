@@ -61,7 +61,9 @@ class LSTM(Cell, nn.OptimizedLSTMCell):
         w_h = jnp.concatenate([params[f"h{gate}"]["kernel"] for gate in GATES], axis=-1)
         bias = jnp.concatenate([params[f"h{gate}"]["bias"] for gate in GATES], axis=-1)
         xs, w_in = promote_dtype(xs, w_in, dtype=self.dtype)
-        projected = jnp.dot(xs, w_in)  # [batch, time, 4 * features], all steps at once.
+        # Time-major, as the scan reads it: one [time * batch, in] @ [in, 4 * features] matmul.
+        xs = jnp.swapaxes(xs, 0, 1)
+        projected = jnp.dot(xs.reshape(-1, xs.shape[-1]), w_in).reshape(*xs.shape[:2], -1)
 
         def step(carry, x_proj):
             c, h = carry
@@ -75,5 +77,5 @@ class LSTM(Cell, nn.OptimizedLSTMCell):
 
         if remat:
             step = jax.checkpoint(step, prevent_cse=False)
-        carry, ys = jax.lax.scan(step, carry, jnp.swapaxes(projected, 0, 1), unroll=unroll)
+        carry, ys = jax.lax.scan(step, carry, projected, unroll=unroll)
         return carry, jnp.swapaxes(ys, 0, 1)
