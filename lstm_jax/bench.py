@@ -316,8 +316,8 @@ def run_benchmark(
         compare = peer_numbers | {"jax_chars_per_second": train["chars_per_second"]}
         compare["jax_over_peer"] = ratio
     flat = {f.name: value for f, value in leaf_settings(config)}
-    sizes = dataclasses.asdict(config.model) | {"vocab_size": options.vocab_size}
-    sizes |= {name: flat[name] for name in ("global_batch", "seq_len", "dtype", "remat")}
+    sizes = dataclasses.asdict(config.model) | dataclasses.asdict(config.compute)
+    sizes |= {"vocab_size": options.vocab_size} | {n: flat[n] for n in ("global_batch", "seq_len")}
     settings = {name: getattr(options, name) for name in TIMING_SETTINGS}
     return {
         "jax_version": jax.__version__,
@@ -349,7 +349,7 @@ def format_table(results: dict[str, Any]) -> str:
     peak_memory, scratch = train["peak_memory_bytes"], train["step_scratch_bytes"]
     peak = matmul["flops_per_second"]
     extras = [name for name in ("residual", "layer_norm", "tie_embeddings") if sizes[name]]
-    extras += ["--remat"] if sizes["remat"] else []
+    extras += [f"--{name}={sizes[name]}" for name in ("remat", "scan", "unroll", "hoist_input")]
     model = f"{sizes['num_layers']}x{sizes['hidden']} {sizes['cell']}, embed {sizes['embed_dim']}"
     model += f", vocab {sizes['vocab_size']}, {sizes['parameters']:,} parameters"
     rows = [

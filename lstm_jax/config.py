@@ -194,6 +194,11 @@ class ComputeConfig:
         "Time steps per iteration of the scan's loop (its unroll factor). Same results.",
         within=POSITIVE,
     )
+    hoist_input: bool = setting(
+        False, "Compute every time step's input projection (x @ the input kernels) as one "
+        "matmul before each layer's scan, which then adds only h @ the hidden kernels (lstm "
+        "cell, --scan=layered). Same results up to rounding.",
+    )  # fmt: skip
 
 
 @dataclasses.dataclass(frozen=True)

@@ -99,6 +99,8 @@ class CharLSTM(nn.Module):
         scan_options = {"remat": True} if self.compute.remat else {}  # Only cells that step.
         if self.compute.unroll != 1:
             scan_options["unroll"] = self.compute.unroll
+        if self.compute.hoist_input:  # Only the cells that hoist; init takes the plain path.
+            scan_options["hoist_input"] = True
         new_carry = []
         for layer in range(config.num_layers):
             layer_input = x

@@ -90,6 +90,9 @@ def test_bench_reports_speeds_analytic_flops_and_utilisation(tmp_path):
         **DEFAULT_MODEL,
         "dtype": "float32",
         "remat": False,
+        "scan": "layered",
+        "unroll": 1,
+        "hoist_input": False,
         "parameters": 21_728,
     }
     assert results["settings"]["optimizer"] == "adam" and results["settings"]["dropout"] == 0.0

@@ -1,5 +1,7 @@
 """Experiment: `--scan=layered` against `--scan=wavefront`, each with `--unroll` 1 and 4.
 
+With `--hoist`: the layered scan against `--hoist_input` (unroll 1 and 4) instead.
+
 Builds the train step (`lstm_jax.steps.train_step`, jitted, one device) of the benchmark's
 model and step (`lstm_jax.bench.BenchConfig`: Adam, no dropout) for every variant, then times
 them in turns, one window of steps each per round, so that a busy machine slows all of them
@@ -8,6 +10,7 @@ rounds. The first step's losses must agree.
 
     python experiments/perf/scan.py --batch=64
     python experiments/perf/scan.py --batch=256 --rounds=3
+    python experiments/perf/scan.py --hoist --hidden=128
 
 Results are in docs/performance.md.
 """
@@ -27,6 +30,7 @@ from lstm_jax.models import build_model, init_params
 from lstm_jax.steps import create_train_state, train_step
 
 VOCAB = 96
+SCANS = ("layered", "wavefront")
 
 
 def main() -> None:
@@ -37,14 +41,19 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--rounds", type=int, default=5, help="Timed windows per variant.")
     parser.add_argument("--steps", type=int, default=3, help="Steps per window.")
+    parser.add_argument("--hoist", action="store_true", help="Time --hoist_input instead.")
     options = parser.parse_args()
     shape = (options.batch, options.seq_len + 1)
     batch = np.random.default_rng(0).integers(0, VOCAB, shape, np.int32)
     runs = {}
-    for scan, unroll in itertools.product(("layered", "wavefront"), (1, 4)):
+    variants = [(scan, unroll, False) for scan, unroll in itertools.product(SCANS, (1, 4))]
+    if options.hoist:
+        variants = [("layered", 1, False), ("layered", 1, True), ("layered", 4, True)]
+    for scan, unroll, hoist in variants:
         config = BenchConfig().replace(
             hidden=options.hidden, num_layers=options.num_layers, seq_len=options.seq_len,
             global_batch=options.batch, scan=scan, unroll=unroll,
+            hoist_input=hoist,
         )  # fmt: skip
         model = build_model(config, VOCAB)
         params = init_params(model, jax.random.key(0))
@@ -54,7 +63,7 @@ def main() -> None:
         step = jax.jit(lambda state, batch, carry: train_step(state, batch, carry, False))
         compiled = step.lower(state, batch, carry).compile()
         _, _, metrics = jax.block_until_ready(compiled(state, batch, carry))
-        name = f"{scan}, unroll {unroll}"
+        name = f"{scan}, unroll {unroll}" + (", hoist_input" if hoist else "")
         loss = float(metrics["loss_sum"] / metrics["count"])
         runs[name] = dict(step=compiled, state=state, carry=carry, loss=loss, seconds=[])
         print(f"{name}: compiled and ran once in {time.perf_counter() - start:.1f} s, loss {loss}")

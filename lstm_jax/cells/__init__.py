@@ -66,6 +66,11 @@ def refuse_what_the_cell_cannot_do(config: Any) -> None:
             f"--weight_drop drops recurrent kernels ({droppable}); --cell={model.cell} has "
             "none. Drop --weight_drop."
         )
+    if compute.hoist_input and not CELLS[model.cell].hoists_input:
+        hoisters = ", ".join(name for name in CELLS if CELLS[name].hoists_input)
+        raise UsageError(f"--hoist_input needs a cell that hoists ({hoisters}); drop it.")
+    if compute.hoist_input and compute.scan == "wavefront":
+        raise UsageError("--hoist_input is for --scan=layered; drop one of them.")
     stepwise = {"--remat": compute.remat, "--scan=wavefront": compute.scan == "wavefront"}
     asked = [flag for flag, on in {**stepwise, "--unroll": compute.unroll > 1}.items() if on]
     if asked and not cell_steps_in_scan(model.cell):
