@@ -39,9 +39,9 @@ CELLS: dict[str, type[Cell]] = {
 
 
 def cell_steps_in_scan(name: str) -> bool:
-    """Whether the cell uses the default `Cell.scan` (one step at a time), which `--remat`,
-    `--unroll` and `--scan=wavefront` need."""
-    return CELLS[name].scan is Cell.scan
+    """Whether the cell's `scan` goes one step at a time (`Cell.steps_in_scan`), which
+    `--remat`, `--unroll` and `--scan=wavefront` need."""
+    return CELLS[name].steps_in_scan
 
 
 def cell_takes_dtype(name: str) -> bool:

@@ -37,13 +37,15 @@ class Cell(nn.Module):
       layers for the model's FLOPs per character. Call it on an unbound cell, like
       `init_carry`, so decorate it with `nn.nowrap` too.
 
-    Three class-level hooks, all optional:
+    Four class-level hooks, all optional:
 
     - `recurrent_kernels`: paths (`"name/kernel"`) of the hidden-to-hidden kernels among the
       cell's parameters, which `--weight_drop` drops (DropConnect). Empty: the cell has none
       (minLSTM), and `--weight_drop` is refused for it.
     - `hoists_input`: True where `scan` takes `hoist_input=True` (`--hoist_input`: the input
       projection of all time steps as one matmul before the loop; the lstm cell). False: refused.
+    - `steps_in_scan`: False for a cell whose `scan` computes all time steps at once (minLSTM);
+      `--remat`, `--unroll` and `--scan=wavefront` need one that steps, and refuse it.
     - `options(model_config) -> dict`: the cell's own fields from the model settings (the
       Mogrifier's rounds and rank); the model passes them when it builds the cell.
 
@@ -53,6 +55,7 @@ class Cell(nn.Module):
 
     recurrent_kernels: ClassVar[tuple[str, ...]] = ()
     hoists_input: ClassVar[bool] = False
+    steps_in_scan: ClassVar[bool] = True  # False: `scan` computes all time steps at once.
 
     @classmethod
     def options(cls, config: Any) -> dict[str, Any]:

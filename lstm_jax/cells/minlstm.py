@@ -18,6 +18,8 @@ h_t = exp(LA_t) h_0 + exp(LB_t), so any carry works, negative or zero included. 
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -39,6 +41,8 @@ def _compose(earlier, later):
 
 class MinLSTM(Cell):
     """Carry: h [batch, features]."""
+
+    steps_in_scan: ClassVar[bool] = False  # The parallel scan computes all steps at once.
 
     features: int
 
