@@ -21,7 +21,16 @@ os.environ["XLA_FLAGS"] = (
 if os.environ.get("PYTEST_XDIST_WORKER") or "LSTM_JAX_TEST_COMPILE_CACHE" not in os.environ:
     os.environ["LSTM_JAX_TEST_COMPILE_CACHE"] = tempfile.mkdtemp(prefix="lstm_jax_xla_")
 
+import jax  # noqa: E402
 import pytest  # noqa: E402
+
+# The test process compiles the same tiny programs again in every train_and_evaluate call (new
+# jitted closures each time): a persistent cache of its own halves test_checkpoint.py's time
+# (102 s -> 50 s, measured). Its own folder, not the subprocesses' one above: only this process
+# writes it, and it is never killed mid-write.
+jax.config.update("jax_compilation_cache_dir", tempfile.mkdtemp(prefix="lstm_jax_xla_inproc_"))
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 
 DRACULA_ENV = "LSTM_JAX_DRACULA"
 GUTENBERG_DRACULA_FALLBACK = Path(__file__).resolve().parents[2] / "shared" / "data" / "dracula.txt"

@@ -11,7 +11,7 @@ code changes). For each mutation the repository's lstm_jax/, tests/, pyproject.t
 experiments/ (and README.md and launch/, which some tests read) are copied into a fresh temporary
 folder, the mutation is applied there, and
 
-    python -m pytest -q -x -p no:cacheprovider <the mutation's tests>
+    python -m pytest -q -x -p no:cacheprovider -m "slow or not slow" <the mutation's tests>
 
 runs in that folder with PYTHONPATH set to it, so the mutated copy is what gets imported (the
 editable install of /work/main comes after PYTHONPATH on sys.path; the script proves it before it
@@ -968,6 +968,8 @@ def run_pytest(
         "-p",
         "no:cacheprovider",
         "-rfE",
+        "-m",
+        "slow or not slow",  # The tests marked slow too: a mutation is judged by all its tests.
         f"--basetemp={basetemp}",
         *tests,
     ]
