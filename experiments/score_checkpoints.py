@@ -55,7 +55,7 @@ def score_run(workdir: str, streams: int, fractions: dict) -> list[dict]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("workdirs", nargs="+")
+    parser.add_argument("workdirs", nargs="*")
     parser.add_argument("--streams", type=int, default=32)
     parser.add_argument("--val_fraction", type=float)
     parser.add_argument("--test_fraction", type=float)
@@ -66,6 +66,8 @@ def main() -> None:
     if args.from_json:
         plot(json.loads(Path(args.from_json).read_text()), args.png)
         return
+    if not args.workdirs:
+        parser.error("give the run folders to score, or --from_json=CURVES.json --png=OUT.png")
     fractions = {
         name: getattr(args, name)
         for name in ("val_fraction", "test_fraction")
