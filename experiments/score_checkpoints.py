@@ -64,16 +64,23 @@ def main() -> None:
     parser.add_argument("--from_json", help="Plot curves saved by --json instead of scoring.")
     args = parser.parse_args()
     if args.from_json:
+        if not args.png or not Path(args.from_json).is_file():
+            parser.error("--from_json needs a curves file written by --json, and --png=OUT.png")
         plot(json.loads(Path(args.from_json).read_text()), args.png)
         return
     if not args.workdirs:
         parser.error("give the run folders to score, or --from_json=CURVES.json --png=OUT.png")
+    for workdir in args.workdirs:
+        if not (Path(workdir) / "checkpoints").is_dir():
+            parser.error(f"{workdir} has no checkpoints/ folder: give run folders of lstm_jax.main")
     fractions = {
         name: getattr(args, name)
         for name in ("val_fraction", "test_fraction")
         if getattr(args, name) is not None
     }
     curves = {workdir: score_run(workdir, args.streams, fractions) for workdir in args.workdirs}
+    if empty := [workdir for workdir, rows in curves.items() if not rows]:
+        parser.error(f"no checkpoint to score in {', '.join(empty)}: train first")
     for workdir, rows in curves.items():
         best = min(rows, key=lambda r: r["val_bpc"])
         print(f"{workdir}: best by validation step {best['step']}: val {best['val_bpc']:.4f}, "
