@@ -67,15 +67,19 @@ class Checkpoints:
         keep: int = 2,
         read_only: bool = False,
         room_needed: int = 0,
+        members: int = 1,
     ):
         """room_needed: bytes a save needs (`room_needed(state)`); on a local disk with less
         free, a save stops the run before it starts (a save that runs out of space midway
-        fails in Orbax's background threads, noisily)."""
+        fails in Orbax's background threads, noisily). members: a population's size, whose
+        every member's best step is kept too."""
         self.directory = checkpoint_dir(workdir)
         self.room_needed = room_needed
-        best_by_val = policies.BestN(
+        best_by_val = [policies.BestN(
             get_metric_fn=lambda metrics: metrics["val_loss"], reverse=True, n=1
-        )
+        )] + [policies.BestN(
+            get_metric_fn=functools.partial(_member_metric, k), reverse=True, n=1
+        ) for k in range(members if members > 1 else 0)]  # fmt: skip
         # "Read-only" here means: never create the folder. Orbax's own read_only mode logs
         # warnings on every open, and nothing is saved unless `save` is called anyway.
         options = ocp.CheckpointManagerOptions(
@@ -83,7 +87,7 @@ class Checkpoints:
             best_fn=lambda metrics: metrics["val_loss"],
             best_mode="min",
             preservation_policy=policies.AnyPreservationPolicy(
-                [policies.LatestN(keep), best_by_val]
+                [policies.LatestN(keep), *best_by_val]
             ),
             enable_async_checkpointing=True,
         )
@@ -101,17 +105,28 @@ class Checkpoints:
     def latest_step(self) -> int | None:
         return max(self.steps(), default=None)
 
-    def best_step(self) -> int | None:
+    def best_step(self, member: int | None = None) -> int | None:
+        """The best step by validation: of the run, or of a population's `member`."""
+        if member is not None:
+            return self.member_best_step(member)
         best = self._manager.best_step()
         if best in self._partial:  # Orbax does not know it is incomplete: pick among the rest.
             best = min(self.steps(), key=self._selected_val_loss, default=None)
         return best
 
-    def _selected_val_loss(self, step: int) -> float:
+    def member_best_step(self, member: int) -> int | None:
+        """The step whose model is population member `member`'s best by validation."""
+        return min(
+            self.steps(), key=lambda step: self._selected_val_loss(step, member), default=None
+        )
+
+    def _selected_val_loss(self, step: int, member: int | None = None) -> float:
         try:
             meta = self.read_meta(step)
         except UnreadableCheckpoint:
             return math.inf
+        if member is not None:
+            return meta["members"][member]["selected_val_loss"]
         return meta.get("selected_val_loss", meta.get("val_loss", math.inf))
 
     def _find_partial_steps(self, read_only: bool) -> set[int]:
@@ -223,11 +238,20 @@ class Checkpoints:
         )
         return restored[which]
 
-    def restore_model_params(self, step: int, abstract_params: Any) -> tuple[Any, str]:
+    def restore_model_params(
+        self, step: int, abstract_params: Any, member: int | None = None
+    ) -> tuple[Any, str]:
         """The parameters that are the checkpoint's model: the raw ones, or their moving
-        average where that was better on validation (the metadata's "selected"); and which."""
-        which = self.read_meta(step).get("selected", "params")
-        return self.restore_params(step, abstract_params, which), which
+        average where that was better on validation (the metadata's "selected"); and which.
+        For a population's `member`, `abstract_params` is the stacked tree, and the member's
+        own are returned."""
+        meta = self.read_meta(step)
+        if member is None:
+            which = meta.get("selected", "params")
+            return self.restore_params(step, abstract_params, which), which
+        which = meta["members"][member]["selected"]
+        stacked = self.restore_params(step, abstract_params, which)
+        return jax.tree.map(lambda x: x[member], stacked), which
 
     def restore(
         self, step: int, state: Any, sharding: jax.sharding.Sharding, abstract_carry: Any
@@ -269,7 +293,14 @@ class Checkpoints:
     # --- Writing ---
 
     def save(
-        self, step: int, *, state: Any, carry: Any, meta: dict[str, Any], val_loss: float
+        self,
+        step: int,
+        *,
+        state: Any,
+        carry: Any,
+        meta: dict[str, Any],
+        val_loss: float,
+        member_val_losses: list[float] | None = None,
     ) -> None:
         """Start an asynchronous save; `wait()` before reading it back or exiting. A
         `SaveFailed` if this or the previous save failed, or the disk has no room for it."""
@@ -287,7 +318,10 @@ class Checkpoints:
                     carry=ocp.args.StandardSave(carry),
                     meta=ocp.args.JsonSave(meta),
                 ),
-                metrics={"val_loss": float(val_loss)},
+                metrics={
+                    "val_loss": float(val_loss),
+                    **{f"val_loss_{k}": float(v) for k, v in enumerate(member_val_losses or [])},
+                },
                 force=True,
             )
 
@@ -346,6 +380,10 @@ class SaveFailed(UserError):
             f"safe checkpoint is {last_safe}. Fix the folder (free space, permissions) and run "
             "the same command again to resume from it."
         )
+
+
+def _member_metric(member: int, metrics: dict[str, float]) -> float:
+    return metrics.get(f"val_loss_{member}", math.inf)
 
 
 def room_needed(state: Any) -> int:

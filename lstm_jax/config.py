@@ -296,6 +296,27 @@ class SampleConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class PopulationConfig:
+    """Many runs in one job, trained together (`lstm_jax.population`)."""
+
+    seeds: int = setting(
+        1,
+        "Train this many seeds together, --seed, --seed+1, ...: each a whole run of its own, "
+        "all in one jitted step; results.json gives their mean and spread.",
+        must_match=True,
+        within=Range(1, 4096),
+    )
+    grid: str = setting(
+        "",
+        "Settings to train together, every combination (times --seeds): "
+        "'learning_rate=0.002,0.004;weight_drop=0.3,0.4'. Only settings that keep the "
+        "program: learning_rate, weight_decay, warmup_steps, grad_clip, ema_decay, dropout, "
+        "weight_drop, embed_dropout, input_dropout. Empty: none.",
+        must_match=True,
+    )
+
+
+@dataclasses.dataclass(frozen=True)
 class Config:
     """Everything that defines a training run. Defaults are the headline model."""
 
@@ -307,6 +328,7 @@ class Config:
     loop: LoopConfig = section(LoopConfig)
     init: InitConfig = section(InitConfig)
     sample: SampleConfig = section(SampleConfig)
+    population: PopulationConfig = section(PopulationConfig)
 
     @classmethod
     def create(cls, **settings: Any) -> Config:
@@ -357,7 +379,8 @@ def complete_settings(saved: dict[str, Any]) -> dict[str, Any]:
 
 # Run settings added after checkpoints were first written, as those checkpoints behaved: before
 # --test_fraction, validation was the end of the text and there was no test part.
-_SETTINGS_BEFORE_THEY_EXISTED = {"test_fraction": 0.0, "ema_on": False}
+# Before populations, every run was one: one seed, no grid.
+_SETTINGS_BEFORE_THEY_EXISTED = {"test_fraction": 0.0, "ema_on": False, "seeds": 1, "grid": ""}
 
 
 def model_config_from_settings(saved: dict[str, Any]) -> ModelConfig:

@@ -64,6 +64,32 @@ def evaluate(
     return sum(float(s["loss_sum"]) for s in sums) / sum(float(s["count"]) for s in sums)
 
 
+def evaluate_members(
+    eval_step: Callable,
+    params: Any,
+    streams: Streams,
+    zero_carry: Carry,
+    shard: Callable[[np.ndarray], Any],
+    num_members: int,
+) -> np.ndarray:
+    """`evaluate` for a population: every member's mean loss, [members], from a step whose
+    metric sums are per member."""
+    inputs, targets, weights = streams
+    carry, sums = zero_carry, []
+    for chunk in range(inputs.shape[0]):
+        carry, chunk_sums = eval_step(
+            params, carry, shard(inputs[chunk]), shard(targets[chunk]), shard(weights[chunk])
+        )
+        sums.append(chunk_sums)
+    sums = jax.device_get(sums)
+
+    def total(name: str) -> np.ndarray:  # Summed in float64, chunk by chunk, as `evaluate` does.
+        parts = [np.asarray(s[name], np.float64).reshape(num_members) for s in sums]
+        return functools.reduce(np.add, parts)
+
+    return total("loss_sum") / total("count")
+
+
 SCORE_CHUNK = 256  # Characters per evaluation step of one stream (one compile for any length).
 
 
@@ -84,16 +110,22 @@ def score_ids(
 
 
 def test_best_checkpoint(
-    checkpoints: Checkpoints, model: CharLSTM, params_like: Any, test_ids: np.ndarray
+    checkpoints: Checkpoints,
+    model: CharLSTM,
+    params_like: Any,
+    test_ids: np.ndarray,
+    member: int | None = None,
 ) -> tuple[int, str, float] | None:
     """(step, which parameters, test loss) of the best checkpoint's model over `test_ids`, read as
     one stream; None without a checkpoint or a test text. `params_like`: any tree shaped like
-    the parameters."""
-    step = checkpoints.best_step()
+    the parameters (for a population, stacked: then `member` picks whose best is scored)."""
+    step = checkpoints.best_step(member)
     if step is None or len(test_ids) < 2:
         return None
     local = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-    params, which = checkpoints.restore_model_params(step, abstract_like(params_like, local))
+    params, which = checkpoints.restore_model_params(
+        step, abstract_like(params_like, local), member
+    )
     return step, which, score_ids(model, params, test_ids)
 
 

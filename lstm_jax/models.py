@@ -47,10 +47,20 @@ class CharLSTM(nn.Module):
 
     @nn.compact
     def __call__(
-        self, carry: Carry, tokens: jax.Array, *, deterministic: bool = True
+        self,
+        carry: Carry,
+        tokens: jax.Array,
+        *,
+        deterministic: bool = True,
+        keep: dict[str, jax.Array] | None = None,
     ) -> tuple[Carry, jax.Array]:
-        """tokens int [batch, time] -> (new carry, logits float32 [batch, time, vocab])."""
+        """tokens int [batch, time] -> (new carry, logits float32 [batch, time, vocab]).
+
+        keep: a population member's keep probabilities (1 - rate) of the dropouts, traced; None:
+        the `regularization` constants. Which dropouts act is still `regularization`'s choice.
+        """
         config, reg = self.config, self.regularization
+        kept = functools.partial(_keep_probability, reg, keep)
         dtype = jnp.dtype(self.compute.dtype)
         # Only non-default dtypes are passed on: the cells without a dtype field (lstm_ln,
         # slstm, minlstm) compute in float32, and Config.validate refuses others for them.
@@ -64,25 +74,29 @@ class CharLSTM(nn.Module):
         train = not deterministic
         if train and reg.embed_dropout:
             # One keep/drop draw per character of the vocabulary, for all its occurrences.
-            keep = jax.random.bernoulli(
-                self.make_rng("dropout"), 1.0 - reg.embed_dropout, (self.vocab_size,)
+            kept_rows = jax.random.bernoulli(
+                self.make_rng("dropout"), kept("embed_dropout"), (self.vocab_size,)
             )
-            x = x * (keep[tokens] / (1.0 - reg.embed_dropout))[..., None].astype(x.dtype)
+            x = x * (kept_rows[tokens] / kept("embed_dropout"))[..., None].astype(x.dtype)
         # Variational ("locked") dropout: the mask is broadcast over the time axis, so a
         # dropped unit stays dropped for the whole sequence (Gal & Ghahramani, 2016).
         time_axis = (1,) if reg.variational_dropout else ()
         if reg.input_dropout:  # Named, and only when on: the other dropouts keep their names
             # (Dropout_0, ...), from which their masks are drawn, so old runs replay exactly.
-            x = nn.Dropout(reg.input_dropout, broadcast_dims=time_axis, name="input_dropout")(
-                x, deterministic=not train
+            x = Dropout(reg.input_dropout, broadcast_dims=time_axis, name="input_dropout")(
+                x, deterministic=not train, keep=keep and keep["input_dropout"]
             )
         cell_options = {**cell_options, **CELLS[config.cell].options(config)}
         # The wavefront reads the parameters that the layered path creates: init goes that way.
         layers = self._layered
         if self.compute.scan == "wavefront" and not self.is_initializing():
             layers = self._wavefront
-        x, new_carry = layers(carry, x, train=train, time_axis=time_axis, options=cell_options)
-        x = nn.Dropout(reg.dropout, broadcast_dims=time_axis)(x, deterministic=deterministic)
+        x, new_carry = layers(
+            carry, x, train=train, time_axis=time_axis, options=cell_options, keep=keep
+        )
+        x = Dropout(reg.dropout, broadcast_dims=time_axis)(
+            x, deterministic=deterministic, keep=keep and keep["dropout"]
+        )
         if config.tie_embeddings:
             bias = self.param("logits_bias", nn.initializers.zeros_init(), (self.vocab_size,))
             logits = embed.attend(x) + bias
@@ -91,8 +105,9 @@ class CharLSTM(nn.Module):
         return tuple(new_carry), logits.astype(jnp.float32)
 
     def _layered(
-        self, carry: Carry, x: jax.Array, *, train: bool, time_axis: tuple[int, ...], options: dict
-    ) -> tuple[jax.Array, Carry]:
+        self, carry: Carry, x: jax.Array, *, train: bool, time_axis: tuple[int, ...],
+        options: dict, keep: dict | None,
+    ) -> tuple[jax.Array, Carry]:  # fmt: skip
         """The stack as one scan per layer, each over the whole sequence (`--scan=layered`)."""
         config, reg = self.config, self.regularization
         cell_type = CELLS[config.cell]
@@ -106,12 +121,13 @@ class CharLSTM(nn.Module):
             layer_input = x
             if layer > 0 and reg.dropout_at == "between":
                 # Outside the scan: one mask per character, or per sequence (variational).
-                layer_input = nn.Dropout(reg.dropout, broadcast_dims=time_axis)(
-                    x, deterministic=not train
+                layer_input = Dropout(reg.dropout, broadcast_dims=time_axis)(
+                    x, deterministic=not train, keep=keep and keep["dropout"]
                 )
             layer_cell = cell_type
             if train and reg.weight_drop:  # A mask of its own for every layer.
-                layer_cell = _with_weight_drop(cell_type, self, reg.weight_drop)
+                keep_weight = _keep_probability(reg, keep, "weight_drop")
+                layer_cell = _with_weight_drop(cell_type, self, keep_weight)
             layer_carry, y = layer_cell(
                 config.hidden, name=f"{config.cell}_{layer}", **options
             ).scan(carry[layer], layer_input, **scan_options)
@@ -124,8 +140,9 @@ class CharLSTM(nn.Module):
         return x, tuple(new_carry)
 
     def _wavefront(
-        self, carry: Carry, x: jax.Array, *, train: bool, time_axis: tuple[int, ...], options: dict
-    ) -> tuple[jax.Array, Carry]:
+        self, carry: Carry, x: jax.Array, *, train: bool, time_axis: tuple[int, ...],
+        options: dict, keep: dict | None,
+    ) -> tuple[jax.Array, Carry]:  # fmt: skip
         """The same stack as one scan over time (`--scan=wavefront`, `lstm_jax.wavefront`): the
         layered path's parameters, read by name, and its random draws, in the same order."""
         config, reg = self.config, self.regularization
@@ -135,25 +152,27 @@ class CharLSTM(nn.Module):
         norm = nn.LayerNorm(dtype=jnp.dtype(self.compute.dtype), parent=None)
         steps, masks = [], []
         for layer in range(config.num_layers):
-            keep = None
+            mask = None
             if layer > 0 and reg.dropout_at == "between":
                 # The layered path's Dropout module (same name, same key), applied to ones: its
                 # mask, for the whole sequence, handed to the scan step by step.
                 ones = jnp.ones((*x.shape[:2], config.hidden), jnp.float32)
-                dropped = nn.Dropout(reg.dropout, broadcast_dims=time_axis)(
-                    ones, deterministic=not train
+                dropped = Dropout(reg.dropout, broadcast_dims=time_axis)(
+                    ones, deterministic=not train, keep=keep and keep["dropout"]
                 )
-                keep = dropped > 0 if train and reg.dropout > 0 else None
+                mask = dropped > 0 if train and reg.dropout > 0 else None
             layer_params = params[f"{config.cell}_{layer}"]
             if train and reg.weight_drop:  # Drawn in the layered path's order.
                 layer_params = drop_recurrent_kernels(
-                    cell_type, layer_params, self.make_rng("dropout"), reg.weight_drop
-                )
-            masks.append(keep)
+                    cell_type, layer_params, self.make_rng("dropout"),
+                    _keep_probability(reg, keep, "weight_drop"),
+                )  # fmt: skip
+            masks.append(mask)
             steps.append(
                 functools.partial(
-                    self._layer_step, cell, norm, layer, layer_params, params.get(f"norm_{layer}")
-                )
+                    self._layer_step, cell, norm, layer, layer_params, params.get(f"norm_{layer}"),
+                    _keep_probability(reg, keep, "dropout"),
+                )  # fmt: skip
             )
         carries, y = wavefront_scan(
             steps, carry, x, masks, remat=self.compute.remat, unroll=self.compute.unroll
@@ -163,14 +182,16 @@ class CharLSTM(nn.Module):
     @nn.nowrap
     def _layer_step(
         self, cell: Any, norm: nn.Module, layer: int, params: Any, norm_params: Any,
-        carry: Any, x: jax.Array, keep: jax.Array | None,
+        keep_probability: Any, carry: Any, x: jax.Array, keep: jax.Array | None,
     ) -> tuple[Any, jax.Array]:  # fmt: skip
         """One layer's time step in the wavefront, as `_layered` computes it: dropout on the
         input, the cell, layer norm, residual."""
         layer_input = x
         if keep is not None:  # nn.Dropout's arithmetic, so the results match to the bit.
             rate = self.regularization.dropout
-            layer_input = jnp.where(keep, x / (1.0 - rate), 0) if rate < 1 else jnp.zeros_like(x)
+            layer_input = (
+                jnp.where(keep, x / keep_probability, 0) if rate < 1 else jnp.zeros_like(x)
+            )
         carry, y = cell.apply({"params": params}, carry, layer_input)
         if self.config.layer_norm:
             y = norm.apply({"params": norm_params}, y)
@@ -190,14 +211,15 @@ def free_cell(config: ModelConfig) -> Any:
     return cell_type(config.hidden, parent=None, **cell_type.options(config))
 
 
-def _with_weight_drop(cell_type: type, parent: nn.Module, rate: float) -> type:
+def _with_weight_drop(cell_type: type, parent: nn.Module, keep: Any) -> type:
     """`cell_type` whose recurrent kernels are multiplied by a fresh DropConnect mask (scaled by
-    1 / (1 - rate)) each time the model is applied: one mask per optimizer step, shared by all
-    time steps and sequences (AWD-LSTM's WeightDrop). Parameter names and shapes are unchanged."""
+    1 / keep, keep = 1 - rate) each time the model is applied: one mask per optimizer step,
+    shared by all time steps and sequences (AWD-LSTM's WeightDrop). Parameter names and shapes
+    are unchanged."""
     key = parent.make_rng("dropout")
 
     def drop(variables: dict) -> dict:
-        params = drop_recurrent_kernels(cell_type, variables["params"], key, rate)
+        params = drop_recurrent_kernels(cell_type, variables["params"], key, keep)
         return {**variables, "params": params}
 
     return nn.map_variables(
@@ -205,16 +227,49 @@ def _with_weight_drop(cell_type: type, parent: nn.Module, rate: float) -> type:
     )
 
 
-def drop_recurrent_kernels(cell_type: type, params: Any, key: jax.Array, rate: float) -> Any:
-    """One cell's parameters with `--weight_drop`'s DropConnect mask on its recurrent kernels."""
+def drop_recurrent_kernels(cell_type: type, params: Any, key: jax.Array, keep: Any) -> Any:
+    """One cell's parameters with `--weight_drop`'s DropConnect mask on its recurrent kernels;
+    `keep`: the probability of keeping a weight, 1 - rate."""
     params = flax.core.unfreeze(params)
     for number, path in enumerate(cell_type.recurrent_kernels):
         *scopes, leaf = path.split("/")
         holder = functools.reduce(lambda tree, name: tree[name], scopes, params)
         kernel = holder[leaf]
-        keep = jax.random.bernoulli(jax.random.fold_in(key, number), 1.0 - rate, kernel.shape)
-        holder[leaf] = jnp.where(keep, kernel / (1.0 - rate), 0.0).astype(kernel.dtype)
+        kept = jax.random.bernoulli(jax.random.fold_in(key, number), keep, kernel.shape)
+        holder[leaf] = jnp.where(kept, kernel / keep, 0.0).astype(kernel.dtype)
     return params
+
+
+class Dropout(nn.Dropout):
+    """`nn.Dropout` that can take its keep probability as a traced value (a population member's
+    rate, `keep=`); without it, `nn.Dropout` itself. Same class name, so the same module names
+    (Dropout_0, ...) and so the same random keys; the same arithmetic, so the same masks."""
+
+    @nn.compact
+    def __call__(
+        self, inputs: jax.Array, deterministic: bool | None = None, rng: jax.Array | None = None,
+        keep: jax.Array | None = None,
+    ) -> jax.Array:  # fmt: skip
+        deterministic = nn.merge_param("deterministic", self.deterministic, deterministic)
+        if keep is None:  # nn.Dropout.__call__, line for line.
+            if self.rate == 0.0 or deterministic:
+                return inputs
+            if self.rate == 1.0:  # Prevent gradient NaNs in the 1.0 edge case.
+                return jnp.zeros_like(inputs)
+            keep = 1.0 - self.rate
+        elif deterministic:
+            return inputs
+        rng = self.make_rng(self.rng_collection) if rng is None else rng
+        broadcast_shape = list(inputs.shape)
+        for dim in self.broadcast_dims:
+            broadcast_shape[dim] = 1
+        mask = jnp.broadcast_to(jax.random.bernoulli(rng, keep, broadcast_shape), inputs.shape)
+        return jax.lax.select(mask, (inputs / keep).astype(inputs.dtype), jnp.zeros_like(inputs))
+
+
+def _keep_probability(reg: RegularizationConfig, keep: dict | None, name: str) -> Any:
+    """The keep probability of dropout `name`: the member's traced one, or 1 - the constant."""
+    return 1.0 - getattr(reg, name) if keep is None else keep[name]
 
 
 def build_model(config: Config, vocab_size: int) -> CharLSTM:

@@ -15,6 +15,7 @@ are the identity.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -105,3 +106,120 @@ def eval_step(apply_fn: Callable, devices: Sequence[jax.Device]) -> Callable:
         out_axes=(0, None),
         devices=step_devices(devices),
     )
+
+
+# --- Populations: a leading member axis, vmapped, over the devices --------------------------
+
+MEMBERS_AXIS = "members"
+
+
+def _first(tree: Any) -> Any:
+    return jax.tree.map(lambda x: x[0], tree)
+
+
+@dataclasses.dataclass(frozen=True)
+class PopulationLayout:
+    """How the members of a population (`lstm_jax.population`) map over this host's devices.
+
+    The rule: when the member count is a multiple of the device count (and there are several
+    devices), the members are *sharded* over the devices, members / devices on each, every
+    member's batch whole on its device: member k then computes what a single run of its
+    settings computes on one device. Otherwise every member is *data parallel* over all the
+    devices, as a single run is: the state [members, ...] replicated, each device a slice of
+    every member's batch, gradients averaged over devices. On the host every per-member array
+    is [members, rows, ...] (`to_devices` / `to_host` convert); in the sharded layout a
+    size-1 axis named like the devices' makes the step see the one-device run it equals.
+    """
+
+    members: int
+    devices: tuple[jax.Device, ...]
+
+    @property
+    def sharded(self) -> bool:
+        return len(self.devices) > 1 and self.members % len(self.devices) == 0
+
+    def describe(self) -> str:
+        d = len(self.devices)
+        if self.sharded:
+            return f"{self.members} members sharded over {d} devices, {self.members // d} each"
+        return f"{self.members} members, each data parallel over {d} device(s)"
+
+    def to_devices(self, x: np.ndarray) -> np.ndarray:
+        """A per-member host array [members, rows, ...] laid out for the mapped steps."""
+        d, m = len(self.devices), self.members
+        if self.sharded:
+            return x.reshape(d, m // d, 1, *x.shape[1:])
+        return x.reshape(m, d, x.shape[1] // d, *x.shape[2:]).swapaxes(0, 1)
+
+    def to_host(self, x: Any) -> np.ndarray:
+        """The inverse of `to_devices`: [members, rows, ...] on the host."""
+        x = np.asarray(x)
+        if self.sharded:
+            return x.reshape(self.members, *x.shape[3:])
+        x = x.swapaxes(0, 1)
+        return x.reshape(self.members, x.shape[1] * x.shape[2], *x.shape[3:])
+
+    def state_to_devices(self, tree: Any) -> Any:
+        """The members' state (or hyperparameters), [members, ...], as the steps take it."""
+        if self.sharded:
+            d = len(self.devices)
+            return jax.tree.map(lambda x: np.asarray(x).reshape(d, -1, *x.shape[1:]), tree)
+        return replicate(tree, self.devices)
+
+    def state_to_host(self, tree: Any) -> Any:
+        """The members' state as [members, ...] arrays, for a checkpoint."""
+        if self.sharded:
+            return jax.tree.map(lambda x: np.asarray(x).reshape(-1, *x.shape[2:]), tree)
+        return tree
+
+    def rows(self, x: np.ndarray) -> Any:
+        """One evaluation chunk [rows, T], the same for every member, laid out for the step."""
+        return x[None] if self.sharded else shard(x, len(self.devices))
+
+    def train_step(self) -> Callable:
+        """(states, batch, carry, reset, hparams) -> (states, carry, per-member metric sums)."""
+        step = functools.partial(steps.train_step, axis_name=AXIS)
+        if not self.sharded:
+            return jax.pmap(
+                jax.vmap(step, in_axes=(0, 0, 0, None, 0)),
+                axis_name=AXIS,
+                in_axes=(None, 0, 0, None, None),
+                out_axes=(None, 0, None),
+                devices=list(self.devices),
+            )
+        one_device = jax.vmap(step, in_axes=(None, 0, 0, None, None), axis_name=AXIS)
+
+        def member(state, batch, carry, reset, hparams):
+            state, carry, metrics = one_device(state, batch, carry, reset, hparams)
+            return _first(state), carry, _first(metrics)
+
+        return jax.pmap(
+            jax.vmap(member, in_axes=(0, 0, 0, None, 0)),
+            axis_name=MEMBERS_AXIS,
+            in_axes=(0, 0, 0, None, 0),
+            devices=list(self.devices),
+        )
+
+    def eval_step(self, apply_fn: Callable) -> Callable:
+        """(params, carry, inputs, targets, weights) -> (carry, per-member metric sums)."""
+        step = functools.partial(steps.eval_step, apply_fn=apply_fn, axis_name=AXIS)
+        if not self.sharded:
+            return jax.pmap(
+                jax.vmap(step, in_axes=(0, 0, None, None, None)),
+                axis_name=AXIS,
+                in_axes=(None, 0, 0, 0, 0),
+                out_axes=(0, None),
+                devices=list(self.devices),
+            )
+        one_device = jax.vmap(step, in_axes=(None, 0, 0, 0, 0), axis_name=AXIS)
+
+        def member(params, carry, inputs, targets, weights):
+            carry, metrics = one_device(params, carry, inputs, targets, weights)
+            return carry, _first(metrics)
+
+        return jax.pmap(
+            jax.vmap(member, in_axes=(0, 0, None, None, None)),
+            axis_name=MEMBERS_AXIS,
+            in_axes=(0, 0, None, None, None),
+            devices=list(self.devices),
+        )

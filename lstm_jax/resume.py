@@ -21,7 +21,7 @@ from lstm_jax.errors import UserError
 
 
 def open_checkpoints(
-    workdir: epath.Path, *, keep: int, restart: bool, log, room_needed: int = 0
+    workdir: epath.Path, *, keep: int, restart: bool, log, room_needed: int = 0, members: int = 1
 ) -> Checkpoints:
     """The run's checkpoints; with `restart`, the old ones are first renamed out of the way."""
     if restart:
@@ -32,11 +32,17 @@ def open_checkpoints(
             log(f"--restart: moved the old checkpoints to {aside}.")
         # No process may list the folder before process 0 has moved it.
         distributed.barrier("lstm_jax.restart")
-    return Checkpoints(workdir, keep=keep, room_needed=room_needed)
+    return Checkpoints(workdir, keep=keep, room_needed=room_needed, members=members)
 
 
 def resume_state(
-    checkpoints: Checkpoints, config: Any, model: Any, state: Any, data: Any, devices: list
+    checkpoints: Checkpoints,
+    config: Any,
+    model: Any,
+    state: Any,
+    data: Any,
+    devices: list,
+    members: int | None = None,
 ) -> tuple[Any, Any, dict[str, Any] | None]:
     """The train state (on `devices`) and carry (this process's rows of it, on the host) to start
     from, and the metadata of the checkpoint they come from: the newest usable one, or a fresh
@@ -48,6 +54,10 @@ def resume_state(
     from lstm_jax import parallel
 
     whole_carry = model.initialize_carry(config.data.global_batch)
+    rows: Any = data.rows
+    if members is not None:  # A population's: [members, global_batch, ...].
+        whole_carry = jax.tree.map(lambda c: np.stack([np.asarray(c)] * members), whole_carry)
+        rows = (slice(None), data.rows)
     abstract_carry = jax.tree.map(lambda c: np.zeros(c.shape, c.dtype), whole_carry)
     resumed = restore_latest_usable(
         checkpoints,
@@ -58,10 +68,10 @@ def resume_state(
         data.vocab.chars,
     )
     if resumed is None:
-        return state, jax.tree.map(lambda c: np.asarray(c)[data.rows], whole_carry), None
+        return state, jax.tree.map(lambda c: np.asarray(c)[rows], whole_carry), None
     step, restored_state, restored_carry, meta = resumed
     state = parallel.to_host_local(restored_state, devices)
-    carry = jax.tree.map(lambda c: np.asarray(c)[data.rows], restored_carry)
+    carry = jax.tree.map(lambda c: np.asarray(c)[rows], restored_carry)
     return state, carry, {**meta, "step": step}
 
 

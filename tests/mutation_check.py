@@ -672,10 +672,12 @@ MUTATIONS: tuple[Mutation, ...] = (
         "models.py",
         """            layer_cell = cell_type
             if train and reg.weight_drop:  # A mask of its own for every layer.
-                layer_cell = _with_weight_drop(cell_type, self, reg.weight_drop)""",
+                keep_weight = _keep_probability(reg, keep, "weight_drop")
+                layer_cell = _with_weight_drop(cell_type, self, keep_weight)""",
         """            layer_cell = cell_type
             if train and reg.weight_drop:  # A mask of its own for every layer.
-                layer_cell = _with_weight_drop(cell_type, self.clone(), reg.weight_drop)""",
+                keep_weight = _keep_probability(reg, keep, "weight_drop")
+                layer_cell = _with_weight_drop(cell_type, self.clone(), keep_weight)""",
         (REG,),
         "the weight-drop mask is drawn from a copy of the model's rngs: every layer the same",
         k="weight_drop",
@@ -683,8 +685,8 @@ MUTATIONS: tuple[Mutation, ...] = (
     Mutation(
         "weight_drop_not_rescaled",
         "models.py",
-        "holder[leaf] = jnp.where(keep, kernel / (1.0 - rate), 0.0).astype(kernel.dtype)",
-        "holder[leaf] = jnp.where(keep, kernel, 0.0).astype(kernel.dtype)",
+        "holder[leaf] = jnp.where(kept, kernel / keep, 0.0).astype(kernel.dtype)",
+        "holder[leaf] = jnp.where(kept, kernel, 0.0).astype(kernel.dtype)",
         (REG,),
         "kept recurrent weights are not scaled by 1 / (1 - p): training and evaluation differ",
         k="weight_drop",
@@ -692,8 +694,8 @@ MUTATIONS: tuple[Mutation, ...] = (
     Mutation(
         "embed_dropout_per_occurrence",
         "models.py",
-        "self.make_rng(\"dropout\"), 1.0 - reg.embed_dropout, (self.vocab_size,)",
-        "self.make_rng(\"dropout\"), 1.0 - reg.embed_dropout, tokens.shape",
+        "self.make_rng(\"dropout\"), kept(\"embed_dropout\"), (self.vocab_size,)",
+        "self.make_rng(\"dropout\"), kept(\"embed_dropout\"), tokens.shape",
         (REG,),
         "embedding dropout draws per occurrence instead of per character",
         k="embedding",
@@ -701,8 +703,8 @@ MUTATIONS: tuple[Mutation, ...] = (
     Mutation(
         "ema_without_warmup",
         "steps.py",
-        "decay = jnp.minimum(self.ema_decay, (1.0 + self.step) / (10.0 + self.step))",
-        "decay = self.ema_decay",
+        "decay = jnp.minimum(ema_decay, (1.0 + self.step) / (10.0 + self.step))",
+        "decay = ema_decay",
         (REG,),
         "the moving average starts without its warm-up",
         k="average",
