@@ -116,7 +116,11 @@ class TrainedModel:
         return steps.bits_per_char(loss)
 
 
-def load(workdir: str | os.PathLike, checkpoint: str = "best") -> TrainedModel:
+def load(
+    workdir: str | os.PathLike, checkpoint: str = "best", member: str | int = ""
+) -> TrainedModel:
     """The model of a training run's checkpoint ('best', 'latest' or a step number), from the
-    checkpoint alone; see `TrainedModel`."""
-    return TrainedModel(*restore(workdir, checkpoint))
+    checkpoint alone; see `TrainedModel`. In a population's workdir, `member` picks the member
+    (an index, or settings such as "learning_rate=0.004,seed=1"); by default the best by
+    validation."""
+    return TrainedModel(*restore(workdir, checkpoint, member))

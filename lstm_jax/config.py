@@ -17,6 +17,7 @@ from typing import Any
 
 from lstm_jax.errors import UsageError
 from lstm_jax.settings import (  # The walkers are re-exported: config is where callers look.
+    MEMBERS,
     NON_NEGATIVE,
     POSITIVE,
     RATE,
@@ -295,6 +296,22 @@ class SampleConfig:
     )
 
 
+# The readers' (sample, evaluate, export) choice of a population's member.
+MEMBER_HELP = (
+    "In a population's run folder (--seeds, --grid), the member: its index, or its settings "
+    "such as learning_rate=0.004,seed=1 (the best by validation of those that have them); "
+    "empty: the best member by validation."
+)
+
+
+def member_note(meta: dict[str, Any]) -> str:
+    """', member K (seed S, settings)' for a population member's checkpoint metadata, else ''."""
+    if "member" not in meta:
+        return ""
+    values = "".join(f", {k}={v}" for k, v in meta["member_settings"].items())
+    return f", member {meta['member']} (seed {meta['seed']}{values})"
+
+
 @dataclasses.dataclass(frozen=True)
 class PopulationConfig:
     """Many runs in one job, trained together (`lstm_jax.population`)."""
@@ -304,7 +321,7 @@ class PopulationConfig:
         "Train this many seeds together, --seed, --seed+1, ...: each a whole run of its own, "
         "all in one jitted step; results.json gives their mean and spread.",
         must_match=True,
-        within=Range(1, 4096),
+        within=MEMBERS,
     )
     grid: str = setting(
         "",

@@ -29,7 +29,7 @@ import numpy as np
 
 from lstm_jax import cli, steps
 from lstm_jax.checkpoint import Checkpoints, abstract_like, restore_model
-from lstm_jax.config import DataConfig, from_dict, section, setting
+from lstm_jax.config import MEMBER_HELP, DataConfig, from_dict, member_note, section, setting
 from lstm_jax.data import Batcher, Split, Vocab, eval_streams, load_split
 from lstm_jax.dynamic import DynamicConfig
 from lstm_jax.errors import UsageError, UserError
@@ -138,6 +138,7 @@ class EvaluateOptions:
 
     workdir: str = setting("runs/default", "Run folder of the model to score.")
     checkpoint: str = setting("best", "Checkpoint: latest, best or a step number.")
+    member: str = setting("", MEMBER_HELP)
     split: str = setting(
         "test", "Part of the run's own text to score, cut as training cut it.",
         choices=Split.NAMES,
@@ -162,10 +163,12 @@ def main(argv: list[str]) -> None:
         if options.text and cli.FLAGS["split"].present:
             raise UsageError("--text and --split both choose the text; pass only one.")
         started = time.perf_counter()
-        model, params, vocab, step, meta = restore_model(options.workdir, options.checkpoint)
+        model, params, vocab, step, meta = restore_model(
+            options.workdir, options.checkpoint, options.member
+        )
         which = "EMA parameters" if meta.get("selected") == "ema_params" else "parameters"
         name, ids = _text_to_score(options, meta, vocab)
-        note = f"# checkpoint step {step} ({which}); {options.streams} stream(s)"
+        note = f"# checkpoint step {step} ({which}{member_note(meta)}); {options.streams} stream(s)"
         if options.dynamic:
             loss = _dynamic_loss(options, meta, vocab, model, params, ids)
             dyn = options.dynamic_options

@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 
 from lstm_jax import cli
-from lstm_jax.config import setting
+from lstm_jax.config import MEMBER_HELP, setting
 from lstm_jax.errors import UsageError, UserError
 
 FILES = ("model.safetensors", "config.json", "vocab.json")
@@ -36,6 +36,7 @@ class ExportOptions:
 
     workdir: str = setting("runs/default", "Run folder of the model to export.")
     checkpoint: str = setting("best", "Checkpoint to export: latest, best or a step number.")
+    member: str = setting("", MEMBER_HELP)
     out: str = setting("", "Folder to write model.safetensors, config.json and vocab.json to.")
     overwrite: bool = setting(False, "Write into --out even if it is not empty.")
 
@@ -97,9 +98,13 @@ def main(argv: list[str]) -> None:
         out = check_out(options.out, options.overwrite)
         from lstm_jax.api import restore
 
-        model, params, vocab, step, meta = restore(options.workdir, options.checkpoint)
+        model, params, vocab, step, meta = restore(
+            options.workdir, options.checkpoint, options.member
+        )
         provenance = {"format": "lstm_jax", "workdir": options.workdir, "step": step}
         provenance["val_bpc"] = meta.get("val_bpc", float("nan"))
+        if "member" in meta:  # One member of a population: which, and its seed and settings.
+            provenance |= {k: meta[k] for k in ("member", "seed", "member_settings")}
         write_export(out, params, vocab.chars, dataclasses.asdict(model.config), provenance)
         count = sum(int(np.size(x)) for x in flat_params(params).values())
         print(

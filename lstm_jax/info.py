@@ -4,7 +4,8 @@
     python -m lstm_jax.info --workdir=runs/default
 
 Prints one line per checkpoint (step, validation and test bits per character where recorded,
-wall-clock time; * marks the best), then the model settings, the vocabulary size and the
+wall-clock time; * marks the best), for a population its members (seed, grid settings, best
+step, val and test bpc), then the model settings, the vocabulary size and the
 parameter count. All of it comes from the checkpoints' metadata and the model's shapes: no
 parameters are read, so it is quick on any run and never changes the folder.
 """
@@ -13,13 +14,14 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import json
 import math
 from typing import Any
 
 from absl import logging
 
 from lstm_jax import cli
-from lstm_jax.config import setting
+from lstm_jax.config import MEMBER_HELP, member_note, setting
 from lstm_jax.errors import UsageError, UserError
 
 
@@ -30,11 +32,13 @@ class InfoOptions:
     workdir: str = setting(
         "", "Run folder to describe; or give it as the one argument: python -m lstm_jax.info DIR."
     )
+    member: str = setting("", MEMBER_HELP + " Its validation is what the checkpoint rows show.")
 
 
 def main(argv: list[str]) -> None:
     with cli.user_errors():
-        print(describe(_workdir(argv[1:], cli.read_flags(InfoOptions).workdir)))
+        options = cli.read_flags(InfoOptions)
+        print(describe(_workdir(argv[1:], options.workdir), options.member))
 
 
 def _workdir(arguments: list[str], flag: str) -> str:
@@ -48,9 +52,10 @@ def _workdir(arguments: list[str], flag: str) -> str:
     return arguments[0] if arguments else flag
 
 
-def describe(workdir: str) -> str:
-    """The checkpoint table and the model of the run in `workdir`, as printed."""
-    from lstm_jax.checkpoint import Checkpoints, workdir_path
+def describe(workdir: str, member: str = "") -> str:
+    """The checkpoint table and the model of the run in `workdir`, as printed; for a population,
+    the checkpoints as `member` saw them (by default the best by validation) and every member."""
+    from lstm_jax.checkpoint import Checkpoints, choose_member, member_meta, workdir_path
 
     if not workdir_path(workdir).is_dir():
         raise UserError(
@@ -65,27 +70,45 @@ def describe(workdir: str) -> str:
                 f"No checkpoint in {checkpoints.directory}; train first with python -m "
                 f"lstm_jax.main --workdir={workdir}."
             )
-        best = checkpoints.best_step()
-        lines = [f"{checkpoints.directory}: {len(steps)} checkpoint(s), * is the best"]
-        lines.append(f"  {'step':>8}  {'val bpc':>8}  {'test bpc':>8}  {'wall time':>10}")
-        metas, tests = {}, _test_results(workdir)
+        metas, lines = {}, []
         for step in steps:
             try:
                 metas[step] = checkpoints.read_meta(step)
             except Exception as e:  # noqa: BLE001 - a damaged one is listed, not fatal.
-                lines.append(f"  {step:>8}  unreadable ({type(e).__name__})")
-                continue
-            lines.append(_row(step, metas[step], tests.get(step), best=step == best))
+                lines.append((step, f"  {step:>8}  unreadable ({type(e).__name__})"))
+        members = metas[max(metas)].get("members") if metas else None
+        index = choose_member(members, member, workdir)
+        best = checkpoints.best_step() if index is None else checkpoints.member_best_step(index)
+        tests = _test_results(workdir)
+        if index is not None:
+            tested = _member_tests(workdir).get(index)
+            tests = {} if tested is None else {best: tested}
+        for step, meta in metas.items():
+            shown = meta if index is None else member_meta(meta, index)
+            lines.append((step, _row(step, shown, tests.get(step), best=step == best)))
+        lines = [line for _, line in sorted(lines)]
+        latest_view = metas[max(metas)] if index is None else member_meta(metas[max(metas)], index)
+        whose = member_note(latest_view).replace(", member", " of member", 1)
+        lines.insert(
+            0, f"{checkpoints.directory}: {len(steps)} checkpoint(s), * is the best{whose}"
+        )
+        lines.insert(1, f"  {'step':>8}  {'val bpc':>8}  {'test bpc':>8}  {'wall time':>10}")
     finally:
         checkpoints.close()
     if not metas:
         raise UserError(f"No checkpoint in {checkpoints.directory} can be read.")
-    return "\n".join(lines + _model_lines(metas[max(metas)]))
+    latest = metas[max(metas)]
+    if members is not None:
+        lines += _member_lines(members, _member_tests(workdir))
+    return "\n".join(lines + _model_lines(latest))
+
+
+def _text(value: Any) -> str:
+    return "-" if not isinstance(value, float) or not math.isfinite(value) else f"{value:.4f}"
 
 
 def _row(step: int, meta: dict[str, Any], test_bpc: float | None, *, best: bool) -> str:
-    def text(value: Any) -> str:
-        return "-" if not isinstance(value, float) or not math.isfinite(value) else f"{value:.4f}"
+    text = _text
 
     # The checkpoint's model: its parameters, or their average where that was better.
     val_loss = meta.get("selected_val_loss", meta.get("val_loss"))
@@ -109,7 +132,38 @@ def _test_results(workdir: str) -> dict[int, float]:
     except UserError as e:  # The checkpoints are what info shows; test bpc is a bonus.
         logging.warning("No test results: %s", e)
         return {}
-    return {r["step"]: r["test_bpc"] for r in records if isinstance(r.get("test_bpc"), float)}
+    return {
+        r["step"]: r["test_bpc"]
+        for r in records
+        if isinstance(r.get("test_bpc"), float) and "member" not in r
+    }
+
+
+def _member_tests(workdir: str) -> dict[int, float]:
+    """A population's test bpc by member, from results.json (written at the end of a run)."""
+    from lstm_jax.checkpoint import workdir_path
+    from lstm_jax.population import RESULTS_FILE
+
+    try:
+        rows = json.loads((workdir_path(workdir) / RESULTS_FILE).read_text())["members"]
+        return {r["member"]: r["test_bpc"] for r in rows if isinstance(r.get("test_bpc"), float)}
+    except (OSError, ValueError, KeyError, TypeError):  # Not written yet, or edited.
+        return {}
+
+
+def _member_lines(members: list[dict[str, Any]], tests: dict[int, float]) -> list[str]:
+    """One line per population member: seed, grid settings, best step, val and test bpc."""
+    best = min(range(len(members)), key=lambda i: (members[i]["best_val_loss"], i))
+    lines = [f"{len(members)} members (--member=K picks one), * is the best by validation"]
+    lines.append(f"  {'member':>8}  {'seed':>6}  {'best step':>9}  {'val bpc':>8}  {'test bpc':>8}")
+    for i, m in enumerate(members):
+        val = m["best_val_loss"] / math.log(2) if math.isfinite(m["best_val_loss"]) else None
+        settings = ", ".join(f"{k}={v}" for k, v in m["settings"].items())
+        lines.append(
+            f"{'*' if i == best else ' '} {i:>8}  {m['seed']:>6}  {m['best_step']:>9}  "
+            f"{_text(val):>8}  {_text(tests.get(i)):>8}  {settings}"
+        )
+    return lines
 
 
 def _model_lines(meta: dict[str, Any]) -> list[str]:

@@ -195,6 +195,16 @@ def refuse_beyond_memory(
     )
 
 
+def start_record(population: Sequence[Member]) -> dict[str, Any]:
+    """What metrics.jsonl's start record says of a population: how many members, their seeds
+    and grid settings (what `report` groups their curves by while they train)."""
+    return {
+        "members": len(population),
+        "member_seeds": [m.seed for m in population],
+        "member_settings": [m.settings for m in population],
+    }
+
+
 def best_member(progress: Sequence[Any]) -> int:
     """The member whose best validation loss is lowest (the first on a tie, or without any)."""
     return min(range(len(progress)), key=lambda i: (progress[i].best_val_loss, i))
@@ -264,7 +274,7 @@ def write_results(workdir: os.PathLike, member_rows: list[dict[str, Any]]) -> di
     path = epath.Path(workdir) / RESULTS_FILE
     temporary = path.with_name(f".{RESULTS_FILE}.tmp")
     temporary.write_text(json.dumps(results, indent=1, allow_nan=True) + "\n")
-    temporary.rename(path)
+    temporary.replace(path)  # Over the last one: a resumed run writes it again.
     return results
 
 

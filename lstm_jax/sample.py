@@ -15,7 +15,7 @@ import math
 import sys
 
 from lstm_jax import cli
-from lstm_jax.config import SampleConfig, section, setting
+from lstm_jax.config import MEMBER_HELP, SampleConfig, member_note, section, setting
 from lstm_jax.errors import UsageError
 from lstm_jax.settings import NON_NEGATIVE, POSITIVE, SEED, Range, check_ranges
 
@@ -26,6 +26,7 @@ class SampleOptions:
 
     workdir: str = setting("runs/default", "Run folder of the model to sample from.")
     checkpoint: str = setting("best", "Checkpoint to sample from: latest, best or a step number.")
+    member: str = setting("", MEMBER_HELP)
     seed: int = setting(
         0, "Seed of the random draws: the same seed gives the same text; 32 bits, what JAX's "
         "random keys hold.", within=SEED,
@@ -85,7 +86,9 @@ def main(argv: list[str]) -> None:
         from lstm_jax.checkpoint import restore_model
         from lstm_jax.generate import stream_text
 
-        model, params, vocab, step, meta = restore_model(options.workdir, options.checkpoint)
+        model, params, vocab, step, meta = restore_model(
+            options.workdir, options.checkpoint, options.member
+        )
         check_sampling_args(options, vocab.size)
         text_options = options.sample
         pieces = stream_text(
@@ -104,7 +107,10 @@ def main(argv: list[str]) -> None:
         )
         val_loss = meta.get("selected_val_loss", meta.get("val_loss", float("nan")))
         which = ", EMA parameters" if meta.get("selected") == "ema_params" else ""
-        print(f"# step {step}, validation {val_loss / math.log(2):.3f} bpc{which}", file=sys.stderr)
+        print(
+            f"# step {step}, validation {val_loss / math.log(2):.3f} bpc{which}{member_note(meta)}",
+            file=sys.stderr,
+        )
         print_as_generated(pieces, prompt, options.num_samples)
 
 

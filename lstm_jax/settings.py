@@ -57,6 +57,7 @@ RATE = Range(0, 1, high_open=True)  # A probability below 1: dropout, a decay, a
 # JAX's default PRNG (threefry, without x64) keeps a seed's low 32 bits: 2**32 + 5 draws what 5
 # draws, and a seed of 2**63 or more raises OverflowError. NumPy refuses negative seeds.
 SEED = Range(0, 2**32 - 1)
+MEMBERS = Range(1, 4096)  # A population's size: --seeds, bench's --population.
 
 
 def setting(

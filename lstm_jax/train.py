@@ -189,7 +189,7 @@ def train_and_evaluate(
             step=int(np.asarray(state.step).reshape(-1)[0]),
             cell=config.model.cell,
             parameters=count_params(state.params) // (len(members) if members else 1),
-            **({"members": len(members)} if members else {}),
+            **(population.start_record(members) if members else {}),
             chars_per_step=config.data.global_batch * config.data.seq_len,
         )
 
