@@ -273,9 +273,18 @@ def write_results(workdir: os.PathLike, member_rows: list[dict[str, Any]]) -> di
     results = {"members": member_rows, "groups": group_rows(member_rows)}
     path = epath.Path(workdir) / RESULTS_FILE
     temporary = path.with_name(f".{RESULTS_FILE}.tmp")
-    temporary.write_text(json.dumps(results, indent=1, allow_nan=True) + "\n")
+    # Strict JSON (null where there is no number: a std over one seed), for any parser.
+    temporary.write_text(json.dumps(_without_nan(results), indent=1, allow_nan=False) + "\n")
     temporary.replace(path)  # Over the last one: a resumed run writes it again.
     return results
+
+
+def _without_nan(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _without_nan(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_without_nan(v) for v in value]
+    return None if isinstance(value, float) and not math.isfinite(value) else value
 
 
 def groups_table(groups: list[dict[str, Any]]) -> str:

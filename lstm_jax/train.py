@@ -202,11 +202,13 @@ def train_and_evaluate(
         member_rows = _write_results(run)
         checkpoints.close()
         metrics_file.close()
-    if members is not None:
+    params = jax.device_get(run.state.params)
+    if members is not None:  # [members, ...] whatever the layout.
         progress = run.member_progress[population.best_member(run.member_progress)]
+        params = run.layout.state_to_host(params)
     return TrainResult(
         step=step,
-        params=jax.device_get(run.state.params),
+        params=params,
         val_loss=progress.val_loss,
         best_val_loss=progress.best_val_loss,
         best_step=progress.best_step,
