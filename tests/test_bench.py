@@ -9,6 +9,7 @@ import functools
 import importlib.util
 import json
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -368,3 +369,27 @@ def test_compare_alternates_windows_with_the_peer_built_at_the_same_sizes(monkey
         results["train"]["chars_per_second"] / compare["chars_per_second"]
     )
     assert "jax / pytorch" in bench.format_table(results)
+
+
+def test_bench_population_counts_every_members_characters(tmp_path):
+    results, run = _bench(tmp_path, "--population=3")
+    train = results["train"]
+    # Each window trains 3 members x batch x seq_len x steps characters in window_seconds.
+    chars = 3 * TINY["global_batch"] * TINY["seq_len"] * 2
+    median = statistics.median(train["window_seconds"])
+    assert train["chars_per_second"] == pytest.approx(chars / median)
+    assert train["chars_per_second_per_member"] == pytest.approx(train["chars_per_second"] / 3)
+    assert train["population"] == 3 and "each data parallel over 1" in train["population_layout"]
+    assert train["utilisation"] == pytest.approx(
+        train["flops_per_char"] * train["chars_per_second"] / results["matmul"]["flops_per_second"]
+    )
+    assert "train chars/s per member" in run.stdout
+
+
+def test_bench_population_beyond_memory_is_refused_before_compiling(tmp_path):
+    run = run_module(
+        "lstm_jax.bench", "--population=4096", "--hidden=4096", "--json=" + str(tmp_path / "b.json")
+    )
+    assert run.returncode != 0 and "Traceback" not in run.stderr
+    assert run.stderr.strip().splitlines()[-1].startswith("error: A population of 4096 members")
+    assert not (tmp_path / "b.json").exists()
