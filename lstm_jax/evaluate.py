@@ -183,7 +183,7 @@ def main(argv: list[str]) -> None:
         print(f"{note}; {time.perf_counter() - started:.1f} s", file=sys.stderr)
         print(
             f"{name}: {steps.bits_per_char(loss):.4f} bpc ({loss:.4f} nats/char, "
-            f"{len(ids) - 1:,} characters)"
+            f"{len(ids) - 1:,} predicted characters: all but the first)"
         )
 
 

@@ -506,8 +506,8 @@ def _record_test(run: _Run) -> None:
     bpc = bits_per_char(run.progress.test_loss)
     run.log(
         f"Test: {bpc:.4f} bpc ({run.progress.test_loss:.4f} nats/char) over the "
-        f"{len(run.data.split.test):,} test characters read as one stream, by the best checkpoint "
-        f"by validation (step {step}, {'EMA ' if which == 'ema_params' else ''}parameters)."
+        f"{len(run.data.split.test) - 1:,} predicted test characters (all but the first) read as "
+        f"one stream, by the best checkpoint by validation (step {step}, {'EMA ' if which == 'ema_params' else ''}parameters)."
     )
     run.metrics_file.write(step=step, test_loss=run.progress.test_loss, test_bpc=bpc, test_of=which)
 

@@ -4,6 +4,7 @@ which parameters (raw or averaged) a checkpoint's model is."""
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import jax
@@ -132,9 +133,34 @@ def _last_line(result) -> str:
 
 
 def _parse(line: str) -> tuple[str, float, float, int]:
-    name, rest = line.rsplit(": ", 1)
-    bpc, _, nats, _, count, _ = rest.replace("(", "").replace(",", "").split()
-    return name, float(bpc), float(nats), int(count)
+    found = re.fullmatch(
+        r"(.+): (\S+) bpc \((\S+) nats/char, ([\d,]+) predicted characters: all but the first\)",
+        line,
+    )
+    assert found, line
+    name, bpc, nats, count = found.groups()
+    return name, float(bpc), float(nats), int(count.replace(",", ""))
+
+
+def test_the_end_of_a_run_and_evaluate_count_the_same_predicted_characters(
+    small_text_path, tmp_path
+):
+    workdir = tmp_path / "run"
+    flags = ["--embed_dim=8", "--hidden=16", "--num_layers=1", "--seq_len=16"]
+    flags += ["--global_batch=8", "--num_steps=4", "--warmup_steps=1", "--length=10"]
+    trained = run_module(
+        "lstm_jax.main", f"--data_path={small_text_path}", f"--workdir={workdir}", *flags
+    )
+    assert trained.returncode == 0, trained.stderr[-2000:]
+    (test_line,) = [line for line in trained.stderr.splitlines() if "] Test: " in line]
+    end_count = int(
+        re.search(r"over the ([\d,]+) predicted test characters", test_line)[1].replace(",", "")
+    )
+    name, _, _, count = _parse(_last_line(run_module("lstm_jax.evaluate", f"--workdir={workdir}")))
+    text = small_text_path.read_text()
+    test_part = len(text) - int(len(text) * 0.9)  # The last --test_fraction=0.1 of the text.
+    assert name == "test" and end_count == count
+    assert abs(count - (test_part - 1)) <= 1  # Every test character but the first.
 
 
 def test_evaluate_scores_a_split_and_a_text_file(trained, tmp_path):
