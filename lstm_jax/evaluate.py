@@ -53,6 +53,12 @@ def evaluate(
     shard: lays a [rows, T] chunk out for `eval_step` (devices first, for a pmapped step).
     Padding has weight 0, so it counts neither in the loss nor in the count.
     """
+    sums = _chunk_sums(eval_step, params, streams, zero_carry, shard)
+    return sum(float(s["loss_sum"]) for s in sums) / sum(float(s["count"]) for s in sums)
+
+
+def _chunk_sums(eval_step, params, streams: Streams, zero_carry: Carry, shard) -> list[Any]:
+    """The metric sums of every chunk, on the host; the state carried from chunk to chunk."""
     inputs, targets, weights = streams
     carry, sums = zero_carry, []
     for chunk in range(inputs.shape[0]):
@@ -60,8 +66,7 @@ def evaluate(
             params, carry, shard(inputs[chunk]), shard(targets[chunk]), shard(weights[chunk])
         )
         sums.append(chunk_sums)
-    sums = jax.device_get(sums)
-    return sum(float(s["loss_sum"]) for s in sums) / sum(float(s["count"]) for s in sums)
+    return jax.device_get(sums)
 
 
 def evaluate_members(
@@ -74,14 +79,7 @@ def evaluate_members(
 ) -> np.ndarray:
     """`evaluate` for a population: every member's mean loss, [members], from a step whose
     metric sums are per member."""
-    inputs, targets, weights = streams
-    carry, sums = zero_carry, []
-    for chunk in range(inputs.shape[0]):
-        carry, chunk_sums = eval_step(
-            params, carry, shard(inputs[chunk]), shard(targets[chunk]), shard(weights[chunk])
-        )
-        sums.append(chunk_sums)
-    sums = jax.device_get(sums)
+    sums = _chunk_sums(eval_step, params, streams, zero_carry, shard)
 
     def total(name: str) -> np.ndarray:  # Summed in float64, chunk by chunk, as `evaluate` does.
         parts = [np.asarray(s[name], np.float64).reshape(num_members) for s in sums]

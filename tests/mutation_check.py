@@ -80,6 +80,7 @@ FT_EXTEND = FT + "extend_vocab_keeps_every_learnt_parameter_and_adds_new_rows"
 FT_COMMAND = FT + "the_command_line_takes_the_model_from_the_checkpoint"
 FT_REFUSED = FT + "refused_starts_give_one_line_and_write_nothing"
 INFO = "tests/test_info.py"
+POP = "tests/test_population.py"
 REG = "tests/test_regularizers.py"
 DYN = "tests/test_dynamic.py"
 EVAL = "tests/test_evaluate.py"
@@ -319,8 +320,8 @@ MUTATIONS: tuple[Mutation, ...] = (
     Mutation(
         "resume_ignores_carry",
         "resume.py",
-        "carry = jax.tree.map(lambda c: np.asarray(c)[data.rows], restored_carry)",
-        "carry = jax.tree.map(lambda c: np.zeros_like(np.asarray(c)[data.rows]), restored_carry)",
+        "carry = jax.tree.map(lambda c: np.asarray(c)[rows], restored_carry)",
+        "carry = jax.tree.map(lambda c: np.zeros_like(np.asarray(c)[rows]), restored_carry)",
         (STOP_AND_RESUME, REF),
         "a resumed run starts from a zero LSTM state instead of the saved one",
     ),
@@ -712,7 +713,7 @@ MUTATIONS: tuple[Mutation, ...] = (
     Mutation(
         "checkpoint_model_always_raw",
         "checkpoint.py",
-        'which = self.read_meta(step).get("selected", "params")',
+        'which = meta.get("selected", "params")',
         'which = "params"',
         (EVAL,),
         "readers of a checkpoint take the raw parameters where the average was better",
@@ -818,6 +819,46 @@ MUTATIONS: tuple[Mutation, ...] = (
         "            raise KeyboardInterrupt\n            os.write(2, b'')",
         (f"{WORKDIR}::test_a_second_ctrl_c_stops_at_once_naming_the_step_the_next_run_resumes_from",),
         "a second Ctrl-C gives a KeyboardInterrupt traceback",
+    ),
+    Mutation(
+        "population_members_share_one_batch_stream",
+        "train.py",
+        "dataclasses.replace(data.batcher, seed=m.seed) for m in members",
+        "dataclasses.replace(data.batcher, seed=data.batcher.seed) for m in members",
+        (f"{POP}::test_each_member_trains_as_the_single_run_of_its_settings",),
+        "every member of a population reads the first seed's batches",
+    ),
+    Mutation(
+        "population_dropout_rates_ignored",
+        "steps.py",
+        'keep = None if hparams is None else {"keep": hparams.keep}',
+        "keep = None",
+        (f"{POP}::test_each_member_trains_as_the_single_run_of_its_settings",),
+        "a grid's dropout values are ignored: every member drops at the model's rate",
+    ),
+    Mutation(
+        "grid_accepts_shape_axes",
+        "population.py",
+        "        if name not in GRID_AXES:",
+        "        if False:",
+        (f"{POP}::test_bad_population_input_is_one_line_and_writes_nothing",),
+        "a grid over --hidden is accepted (and fails later, or trains one shape)",
+    ),
+    Mutation(
+        "group_comparison_never_paired",
+        "population.py",
+        "    if sorted(a) == sorted(b) and len(a) > 1:",
+        "    if False:",
+        (f"{POP}::test_group_comparison_is_the_paired_t_interval_or_welchs",),
+        "two groups with the same seeds are compared unpaired (a wider, wrong interval)",
+    ),
+    Mutation(
+        "reader_default_member_is_the_worst",
+        "checkpoint.py",
+        'return min(matching, key=lambda i: (members[i]["best_val_loss"], i))',
+        'return max(matching, key=lambda i: (members[i]["best_val_loss"], i))',
+        (f"{POP}::test_readers_pick_a_member_by_index_or_settings_and_default_to_the_best",),
+        "sample/evaluate/export/load default to the worst member by validation",
     ),
 )
 
