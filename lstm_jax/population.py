@@ -246,9 +246,7 @@ def t95(dof: int) -> float:
     return _T95[dof - 1] if dof <= len(_T95) else 1.960
 
 
-def compare(
-    a: dict[int, float], b: dict[int, float]
-) -> tuple[float, float, float, bool]:
+def compare(a: dict[int, float], b: dict[int, float]) -> tuple[float, float, float, bool]:
     """(mean of b minus mean of a, the 95% interval's low and high, paired) from per-seed
     results {seed: bpc}. Paired by seed where both have the same seeds (the differences'
     t-interval), else Welch's interval. NaN bounds with fewer than 2 seeds a side."""
