@@ -8,7 +8,7 @@
 
 The model comes from the checkpoint alone (its settings, vocabulary and parameters); the
 sampler is `lstm_jax.generate`, the scoring `lstm_jax.evaluate` with `steps.eval_step`, as in
-training. `restore` (`checkpoint.restore_model`) is what the `sample` and `export` commands
+training. `restore` (`reader.restore_model`) is what the `sample` and `export` commands
 load a checkpoint with.
 """
 
@@ -24,12 +24,12 @@ import jax.numpy as jnp
 import numpy as np
 
 from lstm_jax import evaluate, steps
-from lstm_jax.checkpoint import restore_model as restore  # What sample and export load with.
 from lstm_jax.config import ModelConfig, SampleConfig
 from lstm_jax.data import Vocab
 from lstm_jax.errors import UserError
 from lstm_jax.generate import sample_text, stream_text
 from lstm_jax.models import CharLSTM
+from lstm_jax.reader import restore_model as restore  # What sample and export load with.
 from lstm_jax.sample import SampleOptions, check_sampling_args
 
 SCORE_CHUNK = 256  # Characters per evaluation step when scoring (one compile for any length).

@@ -20,12 +20,10 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import importlib.util
 import json
 import os
 import time
 from collections.abc import Callable, Sequence
-from pathlib import Path
 from types import ModuleType
 from typing import Any
 
@@ -36,22 +34,14 @@ import numpy as np
 from absl import logging
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from lstm_jax import cli, memory, parallel, population, steps
+from lstm_jax import bench_population, cli, memory, parallel, steps
 from lstm_jax.config import Config, OptimConfig, RegularizationConfig, leaf_settings, setting
-from lstm_jax.errors import UsageError, UserError
+from lstm_jax.errors import UsageError
 from lstm_jax.generate import generate
 from lstm_jax.models import CharLSTM, count_params, forward_flops_per_char
+from lstm_jax.peer import PEER_SETTINGS, PEERS, load_peer, start_peer  # noqa: F401 (experiments)
 from lstm_jax.settings import MEMBERS, NON_NEGATIVE, POSITIVE, check_ranges
 
-PEER_PATH = Path(__file__).resolve().parents[1] / "experiments" / "peers" / "pytorch_lstm.py"
-PEERS = ("pytorch",)
-# What the peer (experiments/peers/pytorch_lstm.py) runs whatever the flags say, so what
-# --compare needs; it also needs an embedding (--embed_dim > 0).
-PEER_SETTINGS = {
-    "cell": "lstm", "dtype": "float32", "residual": False, "layer_norm": False,
-    "tie_embeddings": False, "dropout": 0.0, "optimizer": "adam", "weight_decay": 0.0,
-    "learning_rate": 2e-3, "grad_clip": 5.0, "carry_state": True,
-}  # fmt: skip
 NUM_HOST_BATCHES = 4  # Distinct random batches, cycled (the peer uses as many).
 MATMUL_RUNS = 5
 GENERATE_BATCHES = (1, 64)
@@ -121,13 +111,7 @@ def validate(config: Config, options: BenchOptions, local_device_count: int) -> 
             f"of {num_devices} or set --devices."
         )
     memory.refuse_sizes_beyond_memory(config, options.vocab_size)
-    if options.population > 1:
-        if options.compare:
-            raise UsageError("--compare times one run; drop --population or --compare.")
-        layout = parallel.PopulationLayout(options.population, tuple(range(num_devices)))
-        population.refuse_beyond_memory(
-            config, options.vocab_size, _members(config, options), layout
-        )
+    bench_population.validate(config, options, num_devices)
     ours = {f.name: value for f, value in leaf_settings(config)}
     differ = [f"--{k}={ours[k]} (peer: {v})" for k, v in PEER_SETTINGS.items() if ours[k] != v]
     differ += [] if config.model.embed_dim else ["--embed_dim=0 (peer: an embedding)"]
@@ -158,72 +142,6 @@ def _rates(window_seconds: list[float], chars_per_window: int, steps: int) -> di
     }
 
 
-def load_peer(name: str) -> ModuleType:
-    """The peer's module, loaded from experiments/peers by path; `UsageError` if it cannot run."""
-    if name not in PEERS:
-        raise UsageError(f"Unknown peer {name!r}; known: {', '.join(PEERS)}.")
-    try:
-        import torch  # noqa: F401
-    except ImportError as e:
-        message = f"--compare=pytorch needs PyTorch, which does not import ({e})"
-        raise UsageError(f"{message}: pip install -e '.[peers]'") from None
-    if not PEER_PATH.is_file():
-        raise UserError(f"--compare=pytorch needs {PEER_PATH}, from a checkout of the repository.")
-    spec = importlib.util.spec_from_file_location("lstm_jax_peer_pytorch", PEER_PATH)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def _start_peer(peer: ModuleType, config: Config, options: BenchOptions, platform: str) -> Any:
-    """The peer's trainer, on CUDA when JAX trains on a GPU and torch has CUDA, warmed up."""
-    import torch
-
-    model, data = config.model, config.data
-    trainer = peer.build_trainer(
-        vocab_size=options.vocab_size, embed_dim=model.embed_dim, hidden=model.hidden,
-        num_layers=model.num_layers, batch=data.global_batch, seq_len=data.seq_len,
-        device="cuda" if platform == "gpu" and torch.cuda.is_available() else "cpu",
-        num_threads=os.cpu_count(),
-    )  # fmt: skip
-    trainer.train_window(max(options.untimed_steps, 1))
-    return trainer
-
-
-def _members(config: Config, options: BenchOptions) -> list[population.Member]:
-    return population.members(config.replace(seeds=options.population, grid=""))
-
-
-def _population_step(config: Config, options: BenchOptions, devices, total_steps: int, rng):
-    """(model, params of member 0, step(count) that trains, chars a step) for --population."""
-    members = _members(config, options)
-    layout = parallel.PopulationLayout(len(members), tuple(devices))
-    model, state, hparams = population.init_states(members, options.vocab_size, total_steps)
-    params = jax.tree.map(lambda x: x[0], state.params)
-    state, hparams = layout.state_to_devices(state), layout.state_to_devices(hparams)
-    batch, seq_len, count = config.data.global_batch, config.data.seq_len, len(members)
-    zero = model.initialize_carry(batch)
-    carry = jax.tree.map(lambda c: layout.to_devices(np.stack([np.asarray(c)] * count)), zero)
-    shape = (count, batch, seq_len + 1)
-    host_batches = [
-        layout.to_devices(rng.integers(0, options.vocab_size, shape, np.int32))
-        for _ in range(NUM_HOST_BATCHES)
-    ]
-    train_step = layout.train_step()
-    done = 0
-
-    def run_steps(n: int) -> None:
-        nonlocal state, carry, done
-        for _ in range(n):
-            reset = done == 0 or not config.data.carry_state
-            host_batch = host_batches[done % len(host_batches)]
-            state, carry, _ = train_step(state, host_batch, carry, reset, hparams)
-            done += 1
-        jax.block_until_ready((state, carry))
-
-    return model, params, run_steps, layout
-
-
 def measure_training(
     config: Config,
     options: BenchOptions,
@@ -239,7 +157,7 @@ def measure_training(
     num_devices, batch, seq_len = len(devices), config.data.global_batch, config.data.seq_len
     total_steps = 1 + options.untimed_steps + options.windows * options.steps_per_window
     if options.population > 1:
-        return _measure_population(config, options, devices, total_steps, log)
+        return bench_population.measure(config, options, devices, total_steps, _rates, log)
     model, state = steps.init_state(config, options.vocab_size, total_steps)
     params, state = state.params, parallel.replicate(state, devices)
     carry = jax.tree.map(
@@ -269,7 +187,7 @@ def measure_training(
     run_steps(1)
     compile_seconds = time.perf_counter() - start
     run_steps(options.untimed_steps)
-    trainer = None if peer is None else _start_peer(peer, config, options, devices[0].platform)
+    trainer = None if peer is None else start_peer(peer, config, options, devices[0].platform)
     window_seconds, peer_seconds = [], []
     for window in range(options.windows):
         start = time.perf_counter()
@@ -294,38 +212,6 @@ def measure_training(
     peer_numbers = {"peer": "pytorch", "torch_version": torch.__version__}
     peer_numbers |= {"device": trainer.device.type, "num_threads": torch.get_num_threads()}
     return training, peer_numbers | _rates(peer_seconds, chars, steps_per_window), model, params
-
-
-def _measure_population(config, options, devices, total_steps, log):
-    """measure_training's numbers for `options.population` members in one step: chars/s of
-    them all, and per member."""
-    model, params, run_steps, layout = _population_step(
-        config, options, devices, total_steps, np.random.default_rng(0)
-    )
-    log(f"Compiling the train step of {layout.describe()}...")
-    start = time.perf_counter()
-    run_steps(1)
-    compile_seconds = time.perf_counter() - start
-    run_steps(options.untimed_steps)
-    window_seconds = []
-    for window in range(options.windows):
-        start = time.perf_counter()
-        run_steps(options.steps_per_window)
-        window_seconds.append(time.perf_counter() - start)
-        log(f"Training window {window + 1}/{options.windows} done.")
-    members, per_member = options.population, config.data.global_batch * config.data.seq_len
-    chars = members * per_member * options.steps_per_window
-    peak_bytes = [(d.memory_stats() or {}).get("peak_bytes_in_use") for d in devices]
-    training = {
-        "compile_seconds": compile_seconds,
-        **_rates(window_seconds, chars, options.steps_per_window),
-        "peak_memory_bytes": None if None in peak_bytes else max(peak_bytes),
-        "step_scratch_bytes": None,
-        "population": members,
-        "population_layout": layout.describe(),
-    }
-    training["chars_per_second_per_member"] = training["chars_per_second"] / members
-    return training, None, model, params
 
 
 def measure_matmul_peak(
@@ -423,15 +309,6 @@ def _si(value: float, unit: str) -> str:
     return f"{value:.2f} {unit}"
 
 
-def _population_rows(train: dict[str, Any]) -> list[tuple[str, str]]:
-    if train.get("population", 1) == 1:
-        return []
-    return [
-        ("population", f"{train['population']} members: {train['population_layout']}"),
-        ("train chars/s per member", f"{train['chars_per_second_per_member']:,.0f}"),
-    ]
-
-
 def format_table(results: dict[str, Any]) -> str:
     """The run's headline numbers as an aligned two-column table."""
     sizes, train, matmul = results["sizes"], results["train"], results["matmul"]
@@ -450,7 +327,7 @@ def format_table(results: dict[str, Any]) -> str:
         ("train step", f"{settings['optimizer']}, dropout {settings['dropout']}"),
         ("train compile (first call)", f"{train['compile_seconds']:.2f} s"),
         ("train chars/s (median)", f"{train['chars_per_second']:,.0f}"),
-        *_population_rows(train),
+        *bench_population.table_rows(train),
         ("train step time (median)", f"{train['step_seconds'] * 1e3:.2f} ms"),
         ("peak device memory", "n/a" if peak_memory is None else _si(peak_memory, "B")),
         ("train step scratch memory (XLA)", "n/a" if scratch is None else _si(scratch, "B")),

@@ -102,10 +102,10 @@ def record_member_validation(run: Any, step: int, losses: dict[str, np.ndarray])
     )
 
 
-def member_checkpoint_meta(run: Any) -> tuple[list[dict[str, Any]], list[float]]:
-    """Every member's bookkeeping for a checkpoint's metadata, and the validation loss of each
-    member's model there (what keeps each member's best checkpoint)."""
-    rows, losses = [], []
+def member_checkpoint_meta(run: Any) -> list[dict[str, Any]]:
+    """Every member's bookkeeping for a checkpoint's metadata; its "selected_val_loss" (the
+    member's model's validation there) keeps each member's best checkpoint."""
+    rows = []
     for member, progress in zip(run.members, run.member_progress, strict=True):
         which, loss = progress.selected()
         rows.append({
@@ -115,8 +115,7 @@ def member_checkpoint_meta(run: Any) -> tuple[list[dict[str, Any]], list[float]]
             "selected": which,
             "selected_val_loss": loss,
         })  # fmt: skip
-        losses.append(loss)
-    return rows, losses
+    return rows
 
 
 def record_member_tests(run: Any) -> None:

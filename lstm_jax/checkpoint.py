@@ -37,9 +37,7 @@ from absl import logging
 from etils import epath
 from orbax.checkpoint import checkpoint_managers as policies
 
-from lstm_jax.data import Vocab
 from lstm_jax.errors import UserError, reason
-from lstm_jax.models import CharLSTM, init_params, model_from_settings
 
 ITEMS = ("state", "carry", "meta")
 META_KEYS = ("vocab", "settings")  # What every reader of a checkpoint's metadata needs.
@@ -107,18 +105,12 @@ class Checkpoints:
 
     def best_step(self, member: int | None = None) -> int | None:
         """The best step by validation: of the run, or of a population's `member`."""
-        if member is not None:
-            return self.member_best_step(member)
+        if member is not None:  # The step whose model is that member's best.
+            return min(self.steps(), key=lambda s: self._selected_val_loss(s, member), default=None)
         best = self._manager.best_step()
         if best in self._partial:  # Orbax does not know it is incomplete: pick among the rest.
             best = min(self.steps(), key=self._selected_val_loss, default=None)
         return best
-
-    def member_best_step(self, member: int) -> int | None:
-        """The step whose model is population member `member`'s best by validation."""
-        return min(
-            self.steps(), key=lambda step: self._selected_val_loss(step, member), default=None
-        )
 
     def _selected_val_loss(self, step: int, member: int | None = None) -> float:
         try:
@@ -293,17 +285,11 @@ class Checkpoints:
     # --- Writing ---
 
     def save(
-        self,
-        step: int,
-        *,
-        state: Any,
-        carry: Any,
-        meta: dict[str, Any],
-        val_loss: float,
-        member_val_losses: list[float] | None = None,
+        self, step: int, *, state: Any, carry: Any, meta: dict[str, Any], val_loss: float
     ) -> None:
         """Start an asynchronous save; `wait()` before reading it back or exiting. A
-        `SaveFailed` if this or the previous save failed, or the disk has no room for it."""
+        `SaveFailed` if this or the previous save failed, or the disk has no room for it. A
+        population's members (meta["members"]) each keep their best by their own loss."""
         if self.room_needed and "://" not in str(self.directory):
             free = shutil.disk_usage(self.directory).free
             if free < self.room_needed and self._save_error is None:
@@ -318,9 +304,9 @@ class Checkpoints:
                     carry=ocp.args.StandardSave(carry),
                     meta=ocp.args.JsonSave(meta),
                 ),
-                metrics={
-                    "val_loss": float(val_loss),
-                    **{f"val_loss_{k}": float(v) for k, v in enumerate(member_val_losses or [])},
+                metrics={"val_loss": float(val_loss)} | {
+                    f"val_loss_{k}": float(m["selected_val_loss"])
+                    for k, m in enumerate(meta.get("members", []))
                 },
                 force=True,
             )
@@ -411,108 +397,3 @@ def abstract_like(tree: Any, sharding: jax.sharding.Sharding | None = None) -> A
 def _fields_before_ema(state: Any) -> dict[str, Any]:
     """The train state's fields as they were saved before `ema_params` existed."""
     return {name: getattr(state, name) for name in ("step", "params", "opt_state", "dropout_key")}
-
-
-# --- Reading a model -------------------------------------------------------------------------
-
-
-def restore_model(
-    workdir: str | os.PathLike, checkpoint: str = "best", member: str | int = ""
-) -> tuple[CharLSTM, Any, Vocab, int, dict[str, Any]]:
-    """(model, parameters on the first local device, vocabulary, step, meta) of a checkpoint:
-    'best', 'latest' or a step number. A `UserError` says what is wrong or what exists.
-
-    In a population's workdir, the model is one member's (`member`: an index, grid settings
-    such as 'learning_rate=0.004' or 'seed=1', or empty for the best member by validation);
-    'best' is then that member's best step, and `meta` describes that member (`choose_member`).
-    """
-    checkpoints = Checkpoints(workdir, read_only=True)
-    try:
-        latest = checkpoints.resolve("latest")
-        members = checkpoints.read_meta(latest).get("members")
-        index = choose_member(members, member, checkpoints.directory.parent)
-        if index is not None and str(checkpoint) == "best":
-            step = checkpoints.member_best_step(index)
-        else:
-            step = checkpoints.resolve(str(checkpoint))
-        meta = checkpoints.read_meta(step)
-        try:
-            vocab = Vocab(meta["vocab"])
-            model = model_from_settings(meta["settings"], vocab.size)
-            abstract = jax.eval_shape(functools.partial(init_params, model), jax.random.key(0))
-            if index is not None:  # The population's parameters, stacked [members, ...].
-                stacked = len(meta["members"])
-                abstract = jax.tree.map(
-                    lambda x: jax.ShapeDtypeStruct((stacked, *x.shape), x.dtype), abstract
-                )
-            sharding = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-            params, _ = checkpoints.restore_model_params(
-                step, abstract_like(abstract, sharding), index
-            )
-            if index is not None:
-                meta = member_meta(meta, index)
-        except Exception as e:  # noqa: BLE001 - edited metadata, truncated or missing arrays.
-            raise UnreadableCheckpoint(checkpoints, step, type(e).__name__) from None
-    finally:
-        checkpoints.close()
-    return model, params, vocab, step, meta
-
-
-def choose_member(
-    members: list[dict[str, Any]] | None, member: str | int, workdir: Any
-) -> int | None:
-    """The population member that `member` names (None for a single run's workdir): '' the best
-    by validation; an index; or 'name=value,...' settings (grid values, `seed`), the best by
-    validation among the members that have them. A `UserError` says what exists."""
-    text = str(member).strip()
-    if members is None:
-        if text in ("", "0"):
-            return None
-        raise UserError(
-            f"{workdir} is a single run (one member, 0), not a population; drop the member."
-        )
-    listed = f"python -m lstm_jax.info {workdir} lists its {len(members)} members"
-    if text.lstrip("-").isdigit():
-        if not 0 <= int(text) < len(members):
-            raise UserError(f"member {text} is not in 0 to {len(members) - 1}; {listed}.")
-        return int(text)
-    wanted = {}
-    for part in filter(None, (p.strip() for p in text.replace(";", ",").split(","))):
-        name, sep, value = part.partition("=")
-        if not sep:
-            raise UserError(
-                f"member {text!r} is not an index or NAME=VALUE settings such as "
-                f"'learning_rate=0.004,seed=1'; {listed}."
-            )
-        wanted[name.strip().removeprefix("--")] = value.strip()
-
-    def has(m: dict[str, Any]) -> bool:
-        own = {"seed": m["seed"], **m["settings"]}
-        return all(k in own and _same(own[k], v) for k, v in wanted.items())
-
-    matching = [i for i, m in enumerate(members) if has(m)]
-    if not matching:
-        raise UserError(f"No member of {workdir} has {text}; {listed}.")
-    return min(matching, key=lambda i: (members[i]["best_val_loss"], i))
-
-
-def _same(value: Any, text: str) -> bool:
-    try:
-        return float(value) == float(text)
-    except ValueError:
-        return str(value) == text
-
-
-def member_meta(meta: dict[str, Any], index: int) -> dict[str, Any]:
-    """A population checkpoint's metadata as member `index`'s own run would have written it:
-    its bookkeeping (best step, losses, which parameters) in place of the population's."""
-    own = meta["members"][index]
-    view = {k: v for k, v in meta.items() if k != "members"}
-    view |= {k: v for k, v in own.items() if k not in ("settings",)}
-    view["val_loss"] = own.get("val_loss", math.nan)
-    view |= {
-        "member": index,
-        "member_settings": own["settings"],
-        "population_size": len(meta["members"]),
-    }
-    return view

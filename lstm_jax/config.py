@@ -296,22 +296,6 @@ class SampleConfig:
     )
 
 
-# The readers' (sample, evaluate, export) choice of a population's member.
-MEMBER_HELP = (
-    "In a population's run folder (--seeds, --grid), the member: its index, or its settings "
-    "such as learning_rate=0.004,seed=1 (the best by validation of those that have them); "
-    "empty: the best member by validation."
-)
-
-
-def member_note(meta: dict[str, Any]) -> str:
-    """', member K (seed S, settings)' for a population member's checkpoint metadata, else ''."""
-    if "member" not in meta:
-        return ""
-    values = "".join(f", {k}={v}" for k, v in meta["member_settings"].items())
-    return f", member {meta['member']} (seed {meta['seed']}{values})"
-
-
 @dataclasses.dataclass(frozen=True)
 class PopulationConfig:
     """Many runs in one job, trained together (`lstm_jax.population`)."""
@@ -375,7 +359,9 @@ class Config:
         """Raise `UsageError` naming the first impossible setting; cheap, before any compile."""
         check_choices(self)
         check_ranges(self)
-        _check_combinations(self)
+        from lstm_jax.checks import check_combinations  # Free of Flax until needed.
+
+        check_combinations(self)
         if device_count is not None and self.data.global_batch % device_count:
             raise UsageError(
                 f"--global_batch={self.data.global_batch} does not divide over {device_count} "
@@ -404,33 +390,3 @@ def model_config_from_settings(saved: dict[str, Any]) -> ModelConfig:
     """The `ModelConfig` of a checkpoint, from its saved settings (which hold more keys)."""
     settings = complete_settings(saved)
     return ModelConfig(**{f.name: settings[f.name] for f in dataclasses.fields(ModelConfig)})
-
-
-# --- Validation ------------------------------------------------------------------------------
-
-
-def _check_combinations(config: Config) -> None:
-    """The checks that need more than one setting (each setting is in its range by now)."""
-    # Imported here, so that config stays free of Flax.
-    from lstm_jax.cells import CELLS, refuse_what_the_cell_cannot_do
-
-    model, data = config.model, config.data
-    if data.val_fraction + data.test_fraction >= 1.0:
-        raise UsageError(
-            f"--val_fraction={data.val_fraction} and --test_fraction={data.test_fraction} "
-            "leave no training text; their sum must be below 1."
-        )
-    if config.optim.num_steps == 0 and not config.optim.num_epochs > 0:
-        raise UsageError("Set --num_steps or a positive --num_epochs.")
-    if config.init.extend_vocab and not config.init.init_from:
-        raise UsageError("--extend_vocab extends a checkpoint's vocabulary; it needs --init_from.")
-    if config.optim.weight_decay > 0 and config.optim.optimizer != "adamw":
-        raise UsageError("--weight_decay needs --optimizer=adamw.")
-    if model.cell not in CELLS:  # Cells may register after the flags are defined.
-        raise UsageError(f"--cell must be one of {', '.join(CELLS)}, got {model.cell!r}.")
-    refuse_what_the_cell_cannot_do(config)
-    if model.tie_embeddings and model.embed_dim != model.hidden:
-        raise UsageError(
-            "--tie_embeddings needs --embed_dim equal to --hidden (the output layer reuses the "
-            f"embedding table), got --embed_dim={model.embed_dim} and --hidden={model.hidden}."
-        )

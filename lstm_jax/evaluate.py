@@ -28,12 +28,13 @@ import jax.numpy as jnp
 import numpy as np
 
 from lstm_jax import cli, steps
-from lstm_jax.checkpoint import Checkpoints, abstract_like, restore_model
-from lstm_jax.config import MEMBER_HELP, DataConfig, from_dict, member_note, section, setting
+from lstm_jax.checkpoint import Checkpoints, abstract_like
+from lstm_jax.config import DataConfig, from_dict, section, setting
 from lstm_jax.data import Batcher, Split, Vocab, eval_streams, load_split
 from lstm_jax.dynamic import DynamicConfig
 from lstm_jax.errors import UsageError, UserError
 from lstm_jax.models import Carry, CharLSTM
+from lstm_jax.reader import MEMBER_HELP, member_note, restore_model
 from lstm_jax.settings import POSITIVE
 
 Streams = tuple[np.ndarray, np.ndarray, np.ndarray]  # inputs, targets, weights: [chunks, rows, T]

@@ -24,8 +24,9 @@ from typing import Any
 import numpy as np
 
 from lstm_jax import cli
-from lstm_jax.config import MEMBER_HELP, setting
+from lstm_jax.config import setting
 from lstm_jax.errors import UsageError, UserError
+from lstm_jax.reader import MEMBER_HELP
 
 FILES = ("model.safetensors", "config.json", "vocab.json")
 

@@ -21,8 +21,9 @@ from typing import Any
 from absl import logging
 
 from lstm_jax import cli
-from lstm_jax.config import MEMBER_HELP, member_note, setting
+from lstm_jax.config import setting
 from lstm_jax.errors import UsageError, UserError
+from lstm_jax.reader import MEMBER_HELP, member_note
 
 
 @dataclasses.dataclass(frozen=True)
@@ -55,7 +56,8 @@ def _workdir(arguments: list[str], flag: str) -> str:
 def describe(workdir: str, member: str = "") -> str:
     """The checkpoint table and the model of the run in `workdir`, as printed; for a population,
     the checkpoints as `member` saw them (by default the best by validation) and every member."""
-    from lstm_jax.checkpoint import Checkpoints, choose_member, member_meta, workdir_path
+    from lstm_jax.checkpoint import Checkpoints, workdir_path
+    from lstm_jax.reader import choose_member, member_meta
 
     if not workdir_path(workdir).is_dir():
         raise UserError(
@@ -78,7 +80,7 @@ def describe(workdir: str, member: str = "") -> str:
                 lines.append((step, f"  {step:>8}  unreadable ({type(e).__name__})"))
         members = metas[max(metas)].get("members") if metas else None
         index = choose_member(members, member, workdir)
-        best = checkpoints.best_step() if index is None else checkpoints.member_best_step(index)
+        best = checkpoints.best_step(index)
         tests = _test_results(workdir)
         if index is not None:
             tested = _member_tests(workdir).get(index)

@@ -15,8 +15,9 @@ import math
 import sys
 
 from lstm_jax import cli
-from lstm_jax.config import MEMBER_HELP, SampleConfig, member_note, section, setting
+from lstm_jax.config import SampleConfig, section, setting
 from lstm_jax.errors import UsageError
+from lstm_jax.reader import MEMBER_HELP, member_note
 from lstm_jax.settings import NON_NEGATIVE, POSITIVE, SEED, Range, check_ranges
 
 
@@ -83,8 +84,8 @@ def main(argv: list[str]) -> None:
         cli.refuse_positional_arguments(argv)
         options = cli.read_flags(SampleOptions)
         prompt = read_prompt(options, stop_given=bool(cli.FLAGS["stop"].present))
-        from lstm_jax.checkpoint import restore_model
         from lstm_jax.generate import stream_text
+        from lstm_jax.reader import restore_model
 
         model, params, vocab, step, meta = restore_model(
             options.workdir, options.checkpoint, options.member

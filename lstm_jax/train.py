@@ -324,9 +324,9 @@ def _save(run: Run, step: int) -> None:
         "train_seconds": run.timer.train_seconds,
         "wall_seconds": run.timer.wall_seconds(),
     }
-    state, member_losses = run.state, None
+    state = run.state
     if run.layout is not None:  # Every member's own bookkeeping, in the member's order.
-        meta["members"], member_losses = bookkeeping.member_checkpoint_meta(run)
+        meta["members"] = bookkeeping.member_checkpoint_meta(run)
         state = run.layout.state_to_host(run.state)
     # Saved whole ([global_batch, ...]) so any device or process count can resume from it.
     host_carry = parallel.gather_rows(run.carry_to_host())
@@ -336,7 +336,6 @@ def _save(run: Run, step: int) -> None:
         carry=host_carry,
         meta=meta,
         val_loss=selected_loss,
-        member_val_losses=member_losses,
     )
 
 

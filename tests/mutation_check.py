@@ -613,7 +613,7 @@ MUTATIONS: tuple[Mutation, ...] = (
     ),
     Mutation(
         "extend_vocab_alone_allowed",
-        "config.py",
+        "checks.py",
         "if config.init.extend_vocab and not config.init.init_from:",
         "if False:",
         (FT_REFUSED,),
@@ -854,7 +854,7 @@ MUTATIONS: tuple[Mutation, ...] = (
     ),
     Mutation(
         "reader_default_member_is_the_worst",
-        "checkpoint.py",
+        "reader.py",
         'return min(matching, key=lambda i: (members[i]["best_val_loss"], i))',
         'return max(matching, key=lambda i: (members[i]["best_val_loss"], i))',
         (f"{POP}::test_readers_pick_a_member_by_index_or_settings_and_default_to_the_best",),

@@ -22,8 +22,9 @@ import pytest
 from subprocesses import run_module, start_module
 
 from lstm_jax import workdir as workdir_module
-from lstm_jax.checkpoint import Checkpoints, restore_model
+from lstm_jax.checkpoint import Checkpoints
 from lstm_jax.errors import UserError
+from lstm_jax.reader import restore_model
 from lstm_jax.train import train_and_evaluate
 from lstm_jax.workdir import LOCK_FILE, Holder, claim
 
