@@ -3,16 +3,13 @@ setting is in its range: combinations that cannot train, said in one line each."
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import Any
 
 from lstm_jax.errors import UsageError
 
-if TYPE_CHECKING:
-    from lstm_jax.config import Config
 
-
-def check_combinations(config: Config) -> None:
-    """The checks that need more than one setting (each setting is in its range by now)."""
+def check_combinations(config: Any) -> None:
+    """The checks of a `Config` that need more than one setting (each is in its range by now)."""
     from lstm_jax.cells import CELLS, refuse_what_the_cell_cannot_do
 
     model, data = config.model, config.data

@@ -52,8 +52,8 @@ def restore_model(
 
     checkpoints = Checkpoints(workdir, read_only=True)
     try:
-        latest = checkpoints.resolve("latest")
-        members = checkpoints.read_meta(latest).get("members")
+        checkpoints.resolve("latest")  # A clear error where there is no checkpoint.
+        members = _population(checkpoints)
         index = choose_member(members, member, checkpoints.directory.parent)
         if index is not None and str(checkpoint) == "best":
             step = checkpoints.best_step(index)
@@ -80,6 +80,18 @@ def restore_model(
     finally:
         checkpoints.close()
     return model, params, vocab, step, meta
+
+
+def _population(checkpoints: Any) -> list[dict[str, Any]] | None:
+    """The members in the newest readable checkpoint's metadata; None for a single run."""
+    from lstm_jax.checkpoint import UnreadableCheckpoint
+
+    for step in sorted(checkpoints.steps(), reverse=True):
+        try:
+            return checkpoints.read_meta(step).get("members")
+        except UnreadableCheckpoint:  # Damaged: said when it is the one asked for.
+            continue
+    return None
 
 
 def choose_member(
