@@ -359,8 +359,9 @@ def main(argv: list[str]) -> None:
         json_path = cli.writable_file_flag("json", options.json_path)  # Not after the run.
         peer = load_peer(options.compare) if options.compare else None
         results = run_benchmark(config, options, peer=peer)
-        print(format_table(results))
+        # The JSON first: a reader that stops early (`| head -3`) does not cost the numbers.
         cli.write_atomically(json_path, json.dumps(results, indent=2) + "\n")
+        print(format_table(results))
     logging.info("Wrote %s.", json_path)
 
 

@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import logging as pylogging
 import os
+import signal
 import sys
 import tempfile
 import textwrap
@@ -133,11 +135,42 @@ def user_errors() -> Iterator[None]:
         sys.exit(e.exit_code)
 
 
+# The exit status of a process that a closed pipe stopped, as the shell reports one killed by
+# SIGPIPE (128 + 13): what `yes | head -1` leaves in ${PIPESTATUS[0]}.
+READER_GONE_EXIT = 128 + signal.SIGPIPE
+
+
+def quiet_when_reader_goes(main: Callable[[list[str]], None]) -> Callable[[list[str]], None]:
+    """`main`, stopping quietly when the reader of its output goes away (`... | head -c 100`,
+    `less` quit early): at the first write that fails, with no traceback and the shell's
+    SIGPIPE status. Python ignores SIGPIPE and raises `BrokenPipeError` at that write instead;
+    stdout is pointed at /dev/null before exiting, so the flush at exit cannot fail again
+    (Python's "Note on SIGPIPE", in the `signal` module's documentation)."""
+
+    @functools.wraps(main)
+    def wrapped(argv: list[str]) -> None:
+        try:
+            try:
+                main(argv)
+            finally:  # Output still buffered fails here, not in the interpreter's last flush.
+                sys.stdout.flush()
+        except BrokenPipeError:
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, sys.stdout.fileno())
+            try:
+                sys.stderr.flush()
+            except BrokenPipeError:  # It was stderr's reader (`2>&1 | head`).
+                os.dup2(devnull, sys.stderr.fileno())
+            sys.exit(READER_GONE_EXIT)
+
+    return wrapped
+
+
 def run(main: Callable[[list[str]], None], specs: Sequence[type]) -> None:
     """Define the flags of `specs`, parse them (plus --jax_* flags) and run `main`.
 
     `--help` prints the command's docstring and its own flags, grouped; `--helpfull` adds
-    JAX's and absl's.
+    JAX's and absl's. A closed output pipe ends the command quietly (`quiet_when_reader_goes`).
     """
     import jax
 
@@ -150,7 +183,7 @@ def run(main: Callable[[list[str]], None], specs: Sequence[type]) -> None:
     logging.get_absl_logger().addFilter(_quiet_libraries)
     # "Unable to initialize backend 'tpu'" on every CPU or GPU machine is noise, not news.
     pylogging.getLogger("jax._src.xla_bridge").setLevel(pylogging.WARNING)
-    app.run(main)
+    app.run(quiet_when_reader_goes(main))
 
 
 def _quiet_libraries(record) -> bool:

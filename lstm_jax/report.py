@@ -340,4 +340,6 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    app.run(main)
+    from lstm_jax.cli import quiet_when_reader_goes
+
+    app.run(quiet_when_reader_goes(main))

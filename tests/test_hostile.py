@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shlex
 import shutil
 import socket
 import subprocess
@@ -280,3 +281,47 @@ def test_the_table_covers_every_family_with_at_least_50_rows():
     families = {row[0] for row in ROWS}
     assert len(ROWS) >= 50
     assert families == {"numbers", "flags", "workdir", "text", "damaged", "outputs", "launcher"}
+
+
+# --- Output into a closed pipe -------------------------------------------------------------------
+
+BENCH_TINY = ["--hidden=16", "--num_layers=1", "--global_batch=8", "--seq_len=16", "--windows=1",
+              "--steps_per_window=1", "--untimed_steps=0", "--generate_length=10",
+              "--matmul_size=64"]  # fmt: skip
+# (command, args, reader). `head -c 0` has gone before the command's first write, so every
+# command meets the closed pipe; sample streams 10 million characters into `head -c 100`, which
+# must stop it at once (generating them all would take hours). export prints only to stderr.
+PIPED = [
+    (S, ["--length=10000000"], "| head -c 100"),
+    (E, ["--split=val"], "| head -c 0"),
+    ("lstm_jax.info", [], "| head -c 0"),
+    ("lstm_jax.report", ["--out={tmp}/curves.png"], "| head -c 0"),
+    (B, [*BENCH_TINY, "--json={tmp}/bench.json"], "| head -c 0"),
+    ("lstm_jax.export", ["--out={tmp}/exported"], "2>&1 | head -c 0"),
+]
+
+
+@pytest.mark.parametrize("command, args, reader", PIPED, ids=[row[0] for row in PIPED])
+def test_output_into_a_closed_pipe_stops_quietly(trained, tmp_path, command, args, reader):
+    source, _ = trained
+    workdir = tmp_path / "run"
+    shutil.copytree(source, workdir)
+    args = [a.format(tmp=tmp_path) for a in args]
+    base = {"lstm_jax.report": [str(workdir)], B: []}.get(command, [f"--workdir={workdir}"])
+    line = " ".join(shlex.quote(a) for a in [sys.executable, "-m", command, *base, *args])
+    stderr = tmp_path / "stderr.txt"
+    redirect = "" if reader.startswith("2>&1") else f"2>{shlex.quote(str(stderr))}"
+    # pipefail: the command's own status, not head's.
+    script = f"set -o pipefail; {line} {redirect} {reader}"
+    before = _snapshot(workdir)
+    started = time.perf_counter()
+    result = subprocess.run(
+        ["bash", "-c", script], cwd=ROOT, env=command_env(), capture_output=True, timeout=120
+    )
+    seconds = time.perf_counter() - started
+    errors = stderr.read_text() if stderr.exists() else ""
+    assert result.returncode in (0, 141), errors[-3000:]
+    assert "Traceback" not in errors and "BrokenPipe" not in errors, errors[-3000:]
+    assert _snapshot(workdir) == before, "the workdir changed"
+    if command == S:
+        assert seconds < 60, f"sampling went on for {seconds:.0f} s after its reader left"
