@@ -21,6 +21,11 @@ NUM_HOST_BATCHES = 4  # Distinct random batches, cycled, as bench's single-run t
 
 def validate(config: Config, options: Any, num_devices: int) -> None:
     """A `UsageError` for a population bench cannot time or the machine cannot hold."""
+    if config.population.seeds != 1 or config.population.grid.strip():
+        raise UsageError(
+            "bench times N members with --population=N (seeds --seed, --seed+1, ...); drop "
+            "--seeds and --grid, which are the training command's."
+        )
     if options.population == 1:
         return
     if options.compare:

@@ -183,6 +183,10 @@ BAD_BENCH = [
     (["--devices=-1"], "--devices must be >= 0, got -1."),
     (["--hidden=0"], "--hidden must be > 0, got 0."),  # A training setting, timed by bench.
     (["--learning_rate=nan"], "--learning_rate must be a finite number > 0, got nan."),
+    # The training command's population flags: bench's is --population, so these would be
+    # parsed and silently ignored.
+    (["--seeds=2"], "drop --seeds and --grid"),
+    (["--grid=dropout=0.1,0.2"], "drop --seeds and --grid"),
 ]
 
 

@@ -6,6 +6,7 @@ import shutil
 import jax
 import numpy as np
 import pytest
+from builders import stop_after
 from subprocesses import run_module
 
 from lstm_jax.checkpoint import Checkpoints
@@ -36,7 +37,7 @@ def test_stop_and_resume_gives_the_parameters_of_an_uninterrupted_run(
     devices = jax.local_devices()[:2]
     straight = train_and_evaluate(config.replace(workdir=str(tmp_path / "a")), devices=devices)
     interrupted = config.replace(workdir=str(tmp_path / "b"))
-    _stop_after(interrupted, stop_at, devices)
+    stop_after(interrupted, stop_at, devices)
     resumed = train_and_evaluate(interrupted, devices=devices)
     assert resumed.step == 12
     _assert_trees_equal(straight.params, resumed.params)
@@ -46,30 +47,6 @@ def test_stop_and_resume_gives_the_parameters_of_an_uninterrupted_run(
         resumed.best_step,
         resumed.best_val_loss,
     )
-
-
-def _stop_after(config, step, devices):
-    """Run `config` but stop (and checkpoint) after `step`, as SIGTERM would."""
-    import signal
-
-    from lstm_jax.data import Batcher
-
-    calls = {"n": 0}
-    original = Batcher.batch
-
-    def batch_then_signal(self, k, rows=slice(None)):
-        calls["n"] += 1
-        if calls["n"] == step:
-            signal.raise_signal(signal.SIGTERM)
-        return original(self, k, rows)
-
-    Batcher.batch = batch_then_signal
-    try:
-        result = train_and_evaluate(config, devices=devices)
-    finally:
-        Batcher.batch = original
-    assert result.stopped_early and result.step == step
-    return result
 
 
 def test_workdir_with_another_model_is_refused_before_training(tiny_config, tmp_path):
@@ -150,7 +127,7 @@ def test_checkpoint_resumes_on_another_device_count_with_the_same_global_batch(
     resumed = {}
     for before, afters in ((8, (1, 4)), (1, (8,))):
         stopped = config.replace(workdir=str(tmp_path / f"on_{before}"))
-        _stop_after(stopped, 5, devices[before])
+        stop_after(stopped, 5, devices[before])
         for after in afters:
             workdir = tmp_path / f"on_{before}_then_{after}"
             shutil.copytree(stopped.loop.workdir, workdir)

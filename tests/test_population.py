@@ -8,16 +8,16 @@ from __future__ import annotations
 
 import json
 import math
-import signal
 
 import jax
 import numpy as np
 import pytest
+from builders import stop_after
+from subprocesses import run_module
 
 from lstm_jax import population
 from lstm_jax.errors import UsageError, UserError
 from lstm_jax.train import train_and_evaluate
-from tests.subprocesses import run_module
 
 # Parameters of a member and of its single run: equal up to this. Bitwise where XLA compiles
 # both alike; the vmapped step batches the matmuls over the members, whose summation order
@@ -92,35 +92,12 @@ def test_sharded_and_data_parallel_layouts_train_the_same_members(pop_config, tm
         assert a["val_bpc"] == pytest.approx(b["val_bpc"], rel=1e-6)
 
 
-def _stop_at_step(config, step, devices, num_members):
-    """Run `config`, SIGTERM once `step` steps have read their batches (every member reads
-    one a step), as a preempted VM is stopped; the run checkpoints and returns early."""
-    from lstm_jax.data import Batcher
-
-    calls = {"n": 0}
-    original = Batcher.batch
-
-    def batch_then_signal(self, k, rows=slice(None)):
-        calls["n"] += 1
-        if calls["n"] == step * num_members:
-            signal.raise_signal(signal.SIGTERM)
-        return original(self, k, rows)
-
-    Batcher.batch = batch_then_signal
-    try:
-        result = train_and_evaluate(config, devices=devices)
-    finally:
-        Batcher.batch = original
-    assert result.stopped_early and result.step == step
-    return result
-
-
 def test_a_stopped_and_resumed_population_equals_one_that_ran_through(pop_config, tmp_path):
     config = pop_config.replace(seeds=2, grid="dropout=0.1,0.3", num_steps=12)
     devices = jax.local_devices()[:2]  # 4 members sharded over 2 devices.
     straight = train_and_evaluate(config.replace(workdir=str(tmp_path / "a")), devices=devices)
     interrupted = config.replace(workdir=str(tmp_path / "b"))
-    _stop_at_step(interrupted, 5, devices, num_members=4)  # Between the saves at 4 and 8.
+    stop_after(interrupted, 5, devices, batches_per_step=4)  # Between the saves at 4 and 8.
     resumed = train_and_evaluate(interrupted, devices=devices)
     assert resumed.step == 12
     assert _max_difference(straight.params, resumed.params) == 0
