@@ -30,7 +30,9 @@ def validate(config: Config, options: Any, num_devices: int) -> None:
         return
     if options.compare:
         raise UsageError("--compare times one run; drop --population or --compare.")
-    layout = parallel.PopulationLayout(options.population, tuple(range(num_devices)))
+    layout = parallel.PopulationLayout(
+        options.population, tuple(range(num_devices)), config.population.member_loop
+    )
     population.refuse_beyond_memory(config, options.vocab_size, _members(config, options), layout)
 
 
@@ -41,7 +43,7 @@ def _members(config: Config, options: Any) -> list[population.Member]:
 def _population_step(config: Config, options: Any, devices, total_steps: int, rng):
     """(model, params of member 0, step(count) that trains, chars a step) for --population."""
     members = _members(config, options)
-    layout = parallel.PopulationLayout(len(members), tuple(devices))
+    layout = parallel.PopulationLayout(len(members), tuple(devices), config.population.member_loop)
     model, state, hparams = population.init_states(members, options.vocab_size, total_steps)
     params = jax.tree.map(lambda x: x[0], state.params)
     state, hparams = layout.state_to_devices(state), layout.state_to_devices(hparams)

@@ -16,6 +16,7 @@ import dataclasses
 from typing import Any
 
 from lstm_jax.errors import UsageError
+from lstm_jax.model_config import ModelConfig  # Its own module: new cells add settings there.
 from lstm_jax.settings import (  # The walkers are re-exported: config is where callers look.
     MEMBERS,
     NON_NEGATIVE,
@@ -40,6 +41,7 @@ OPTIMIZERS = ("adam", "adamw")
 DROPOUT_PLACES = ("between", "output")
 DTYPES = ("float32", "bfloat16")
 SCANS = ("layered", "wavefront")
+MEMBER_LOOPS = ("auto", "vmap", "map")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -102,43 +104,6 @@ class DataConfig:
         must_match=True,
         within=SEED,
     )
-
-
-@dataclasses.dataclass(frozen=True)
-class ModelConfig:
-    """Settings that fix the parameters' shapes and meaning: a checkpoint fits only these.
-
-    Saved with every checkpoint (as a dict); the model takes this dataclass whole. A new
-    setting's default must keep the behaviour from before it existed: older checkpoints, which
-    lack it, are read with the default.
-    """
-
-    cell: str = setting(
-        "lstm",
-        "Recurrent cell of every layer, a key of lstm_jax.cells.CELLS (lstm is "
-        "nn.OptimizedLSTMCell).",
-    )
-    embed_dim: int = setting(
-        64, "Character embedding size; 0: one-hot characters, no table.", within=NON_NEGATIVE
-    )
-    hidden: int = setting(512, "Units (cell width) per layer.", within=POSITIVE)
-    num_layers: int = setting(2, "Number of stacked layers.", within=POSITIVE)
-    residual: bool = setting(
-        False, "Residual connections: add each layer's input to its output, from layer 2 on."
-    )
-    layer_norm: bool = setting(False, "LayerNorm on every layer's output (over features).")
-    tie_embeddings: bool = setting(
-        False,
-        "Output layer = the embedding table transposed, plus a bias; needs embed_dim == hidden.",
-    )
-    mogrifier_rounds: int = setting(
-        5, "--cell=mogrifier: rounds of mutual gating of the input and the state before each "
-        "step (0: a plain LSTM).", within=NON_NEGATIVE,
-    )  # fmt: skip
-    mogrifier_rank: int = setting(
-        0, "--cell=mogrifier: rank of each round's gating matrix (a product of two thin ones); "
-        "0: full rank.", within=NON_NEGATIVE,
-    )  # fmt: skip
 
 
 @dataclasses.dataclass(frozen=True)
@@ -315,6 +280,12 @@ class PopulationConfig:
         "weight_drop, embed_dropout, input_dropout. Empty: none.",
         must_match=True,
     )
+    member_loop: str = setting(
+        "auto", "How a step runs the members. vmap: batched together, which fills an "
+        "accelerator; map: one after another, which XLA:CPU runs faster than its batched "
+        "matmuls; auto: map on a CPU, vmap elsewhere. Same results to float32 rounding.",
+        choices=MEMBER_LOOPS,
+    )  # fmt: skip
 
 
 @dataclasses.dataclass(frozen=True)

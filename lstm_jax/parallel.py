@@ -117,6 +117,23 @@ def _first(tree: Any) -> Any:
     return jax.tree.map(lambda x: x[0], tree)
 
 
+def _over_members(f: Callable, in_axes: tuple, vmapped: bool) -> Callable:
+    """`f` over the leading member axis of the arguments whose `in_axes` is 0: `jax.vmap`, or
+    `lax.map` (one member after another inside the step) where batching the members is slower
+    than running them in turn, as XLA:CPU's batched matmuls are."""
+    if vmapped:
+        return jax.vmap(f, in_axes=in_axes)
+
+    def one_after_another(*args):
+        def member(xs):
+            each = iter(xs)
+            return f(*(next(each) if ax == 0 else a for a, ax in zip(args, in_axes, strict=True)))
+
+        return jax.lax.map(member, tuple(a for a, ax in zip(args, in_axes, strict=True) if ax == 0))
+
+    return one_after_another
+
+
 @dataclasses.dataclass(frozen=True)
 class PopulationLayout:
     """How the members of a population (`lstm_jax.population`) map over this host's devices.
@@ -133,16 +150,26 @@ class PopulationLayout:
 
     members: int
     devices: tuple[jax.Device, ...]
+    member_loop: str = "auto"  # --member_loop: vmap, map, or auto (map on a CPU).
 
     @property
     def sharded(self) -> bool:
         return len(self.devices) > 1 and self.members % len(self.devices) == 0
 
+    @property
+    def vmapped(self) -> bool:
+        if self.member_loop != "auto":
+            return self.member_loop == "vmap"
+        return getattr(self.devices[0], "platform", jax.default_backend()) != "cpu"
+
     def describe(self) -> str:
         d = len(self.devices)
+        loop = "vmapped" if self.vmapped else "one after another (--member_loop=map)"
         if self.sharded:
-            return f"{self.members} members sharded over {d} devices, {self.members // d} each"
-        return f"{self.members} members, each data parallel over {d} device(s)"
+            return (
+                f"{self.members} members sharded over {d} devices, {self.members // d} each, {loop}"
+            )
+        return f"{self.members} members, each data parallel over {d} device(s), {loop}"
 
     def to_devices(self, x: np.ndarray) -> np.ndarray:
         """A per-member host array [members, rows, ...] laid out for the mapped steps."""
@@ -181,7 +208,7 @@ class PopulationLayout:
         step = functools.partial(steps.train_step, axis_name=AXIS)
         if not self.sharded:
             return jax.pmap(
-                jax.vmap(step, in_axes=(0, 0, 0, None, 0)),
+                _over_members(step, (0, 0, 0, None, 0), self.vmapped),
                 axis_name=AXIS,
                 in_axes=(None, 0, 0, None, None),
                 out_axes=(None, 0, None),
@@ -194,7 +221,7 @@ class PopulationLayout:
             return _first(state), carry, _first(metrics)
 
         return jax.pmap(
-            jax.vmap(member, in_axes=(0, 0, 0, None, 0)),
+            _over_members(member, (0, 0, 0, None, 0), self.vmapped),
             axis_name=MEMBERS_AXIS,
             in_axes=(0, 0, 0, None, 0),
             devices=list(self.devices),
@@ -205,7 +232,7 @@ class PopulationLayout:
         step = functools.partial(steps.eval_step, apply_fn=apply_fn, axis_name=AXIS)
         if not self.sharded:
             return jax.pmap(
-                jax.vmap(step, in_axes=(0, 0, None, None, None)),
+                _over_members(step, (0, 0, None, None, None), self.vmapped),
                 axis_name=AXIS,
                 in_axes=(None, 0, 0, 0, 0),
                 out_axes=(0, None),
@@ -218,7 +245,7 @@ class PopulationLayout:
             return carry, _first(metrics)
 
         return jax.pmap(
-            jax.vmap(member, in_axes=(0, 0, None, None, None)),
+            _over_members(member, (0, 0, None, None, None), self.vmapped),
             axis_name=MEMBERS_AXIS,
             in_axes=(0, 0, None, None, None),
             devices=list(self.devices),

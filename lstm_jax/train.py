@@ -124,7 +124,9 @@ def _model_and_state(config: Config, data: RunData, members, devices, num_steps:
         checkpoint_bytes = room_needed(state)
         state = parallel.replicate(state, devices)
     else:
-        layout = parallel.PopulationLayout(len(members), tuple(devices))
+        layout = parallel.PopulationLayout(
+            len(members), tuple(devices), config.population.member_loop
+        )
         population.refuse_beyond_memory(config, data.vocab.size, members, layout)
         model, state, hparams = population.init_states(members, data.vocab.size, num_steps)
         checkpoint_bytes = room_needed(state)

@@ -45,18 +45,22 @@ def pop_config(tiny_config):
 
 
 @pytest.mark.parametrize(
-    "num_devices, grid, seeds",
+    "num_devices, grid, seeds, member_loop",
     [
-        (1, "learning_rate=0.01,0.02;dropout=0.1,0.3", 2),  # 8 members, data parallel on 1.
-        (8, "learning_rate=0.01,0.02", 2),  # 4 members, each data parallel over 8 devices.
-        (8, "learning_rate=0.01,0.02;dropout=0.1,0.3", 2),  # 8 members sharded, 1 a device.
+        # 8 members, data parallel on 1, one after another (auto on a CPU) and batched.
+        (1, "learning_rate=0.01,0.02;dropout=0.1,0.3", 2, "auto"),
+        (1, "learning_rate=0.01,0.02;dropout=0.1,0.3", 2, "vmap"),
+        (8, "learning_rate=0.01,0.02", 2, "auto"),  # 4 members, each data parallel over 8.
+        (8, "learning_rate=0.01,0.02;dropout=0.1,0.3", 2, "vmap"),  # 8 sharded, 1 a device.
     ],
 )
 def test_each_member_trains_as_the_single_run_of_its_settings(
-    pop_config, tmp_path, num_devices, grid, seeds
+    pop_config, tmp_path, num_devices, grid, seeds, member_loop
 ):
     devices = jax.local_devices()[:num_devices]
-    config = pop_config.replace(workdir=str(tmp_path / "pop"), seeds=seeds, grid=grid)
+    config = pop_config.replace(
+        workdir=str(tmp_path / "pop"), seeds=seeds, grid=grid, member_loop=member_loop
+    )
     members = population.members(config)
     sharded = len(members) % num_devices == 0 and num_devices > 1
     result = train_and_evaluate(config, devices=devices)
@@ -71,7 +75,9 @@ def test_each_member_trains_as_the_single_run_of_its_settings(
             # The sharded layout puts a member's whole batch on one device: a 1-device run.
             devices=devices[:1] if sharded else devices,
         )
-        assert _max_difference(_member(result.params, k), single.params) <= PARAMS_ATOL
+        difference = _max_difference(_member(result.params, k), single.params)
+        print(f"member {k} ({member_loop}): largest parameter difference {difference:.2e}")
+        assert difference <= PARAMS_ATOL
         row = result.members[k]
         assert (row["seed"], row["settings"]) == (member.seed, member.settings)
         assert row["best_step"] == single.best_step
@@ -84,8 +90,9 @@ def test_sharded_and_data_parallel_layouts_train_the_same_members(pop_config, tm
     sharded = train_and_evaluate(
         config.replace(workdir=str(tmp_path / "sharded")), devices=jax.local_devices()
     )
-    one_device = train_and_evaluate(
-        config.replace(workdir=str(tmp_path / "one")), devices=jax.local_devices()[:1]
+    one_device = train_and_evaluate(  # Batched, where the sharded run maps (auto on a CPU).
+        config.replace(workdir=str(tmp_path / "one"), member_loop="vmap"),
+        devices=jax.local_devices()[:1],
     )
     assert _max_difference(sharded.params, one_device.params) <= PARAMS_ATOL
     for a, b in zip(sharded.members, one_device.members, strict=True):

@@ -1,0 +1,48 @@
+"""`ModelConfig`: the settings that fix the parameters' shapes and meaning.
+
+A section of `lstm_jax.config.Config` (and re-exported there), in a module of its own because
+every new cell or block adds its settings here: `--mogrifier_rounds` is the example.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+from lstm_jax.settings import NON_NEGATIVE, POSITIVE, setting
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """Settings that fix the parameters' shapes and meaning: a checkpoint fits only these.
+
+    Saved with every checkpoint (as a dict); the model takes this dataclass whole. A new
+    setting's default must keep the behaviour from before it existed: older checkpoints, which
+    lack it, are read with the default.
+    """
+
+    cell: str = setting(
+        "lstm",
+        "Recurrent cell of every layer, a key of lstm_jax.cells.CELLS (lstm is "
+        "nn.OptimizedLSTMCell).",
+    )
+    embed_dim: int = setting(
+        64, "Character embedding size; 0: one-hot characters, no table.", within=NON_NEGATIVE
+    )
+    hidden: int = setting(512, "Units (cell width) per layer.", within=POSITIVE)
+    num_layers: int = setting(2, "Number of stacked layers.", within=POSITIVE)
+    residual: bool = setting(
+        False, "Residual connections: add each layer's input to its output, from layer 2 on."
+    )
+    layer_norm: bool = setting(False, "LayerNorm on every layer's output (over features).")
+    tie_embeddings: bool = setting(
+        False,
+        "Output layer = the embedding table transposed, plus a bias; needs embed_dim == hidden.",
+    )
+    mogrifier_rounds: int = setting(
+        5, "--cell=mogrifier: rounds of mutual gating of the input and the state before each "
+        "step (0: a plain LSTM).", within=NON_NEGATIVE,
+    )  # fmt: skip
+    mogrifier_rank: int = setting(
+        0, "--cell=mogrifier: rank of each round's gating matrix (a product of two thin ones); "
+        "0: full rank.", within=NON_NEGATIVE,
+    )  # fmt: skip
