@@ -189,6 +189,11 @@ class Timer:
         """Wall-clock time of the run so far, compiling and evaluating included."""
         return self._earlier_wall + time.perf_counter() - self._start
 
+    def since_start(self) -> float:
+        """Wall-clock time since this process started the clock: a resumed run's earlier
+        processes left out (the first step's compile time)."""
+        return time.perf_counter() - self._start
+
     def restart_window(self) -> None:
         """Start a new window now, discarding the time since the last one (the compile)."""
         self._window_start, self._excluded = time.perf_counter(), 0.0

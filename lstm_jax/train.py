@@ -169,7 +169,7 @@ def _train(run: Run) -> tuple[int, str | None]:
             if step == start_step + 1:
                 # The first call compiles; time it apart so chars/s measures training only.
                 jax.block_until_ready(metrics)
-                run.log(f"First step (compilation included) took {run.timer.wall_seconds():.1f} s.")
+                run.log(f"First step (compilation included) took {run.timer.since_start():.1f} s.")
                 run.timer.restart_window()
             stopped_by = stopped_by or stop.requested_at(step)
             last = step == run.num_steps or bool(stopped_by)

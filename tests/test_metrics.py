@@ -199,3 +199,12 @@ def test_the_end_of_an_appended_file_is_checked_once_not_every_write(tmp_path, m
     assert len(checked) == 1
     # The stand-in says the file ends mid-line: only the first write starts a new one.
     assert (tmp_path / "metrics.jsonl").read_bytes().count(b"\n") == 4
+
+
+def test_a_resumed_runs_clock_sums_its_processes_but_since_start_is_this_ones():
+    # The first-step line of a resumed run reports its compile, not the earlier processes' time.
+    from lstm_jax.metrics import Timer
+
+    timer = Timer(earlier_wall_seconds=400.0)
+    assert timer.wall_seconds() >= 400.0
+    assert 0.0 <= timer.since_start() < 60.0
