@@ -134,7 +134,7 @@ def test_prenorm_command_line_refusal_is_one_line_without_traceback(tmp_path):
     result = run_module(
         "lstm_jax.main", f"--workdir={tmp_path / 'run'}", "--mlp_ratio=2", timeout=120
     )
-    assert result.returncode != 0 and "Traceback" not in result.stderr, result.stderr[-3000:]
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-3000:]
     assert result.stderr.strip().splitlines()[-1] == (
         "error: --mlp_ratio sizes --block=prenorm's MLP; add --block=prenorm or drop --mlp_ratio."
     )
