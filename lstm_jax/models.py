@@ -4,9 +4,10 @@ The cell is pluggable (`--cell`, see `lstm_jax.cells`); the default is `nn.Optim
 The module takes the recurrent state (one carry per layer, whatever pytree the cell keeps) and
 returns the new one, so training can carry state from batch to batch and sampling can advance
 one character at a time with the same parameters. The ablation switches (residual connections,
-layer norm on layer outputs, one-hot input, tied embeddings, where dropout goes) live here,
-around the cells, so every cell gets them; how each layer wraps its cell is the block
-(`--block`, `lstm_jax.blocks`: plain, or a pre-norm residual block with an MLP). The layers run
+layer norm on layer outputs, one-hot input, tied embeddings, where dropout goes) act around
+the cells, so every cell gets them; how each layer wraps its cell is the block (`--block`,
+`lstm_jax.blocks`: plain, which holds the residual and layer-norm switches, or a pre-norm
+residual block with an MLP). The layers run
 one scan each (`--scan=layered`) or together as one wavefront scan (`--scan=wavefront`,
 `lstm_jax.wavefront`), with the same parameters and random draws.
 """

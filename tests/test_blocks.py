@@ -45,6 +45,24 @@ def test_prenorm_trains_pmapped_resumes_and_samples(tiny_config, cell):
     assert text == _sample_by_hand(config, resumed.params, vocab, "The ", 60, seed=3)
 
 
+@pytest.mark.parametrize("cell", ["gru", "rglru"])
+def test_prenorm_over_a_sequence_equals_stepping_one_character_at_a_time(cell):
+    # The MLP and the norms act per character: the block keeps the cell's carry as it is.
+    model = make_model(11, embed_dim=5, hidden=7, num_layers=2, cell=cell, block="prenorm")
+    params = init_params(model, jax.random.key(1))
+    prefix = jax.random.randint(jax.random.key(3), (4, 17), 0, 11)
+    start, _ = model.apply({"params": params}, model.initialize_carry(4), prefix)
+    tokens = jax.random.randint(jax.random.key(2), (4, 13), 0, 11)
+    carry_scan, logits_scan = model.apply({"params": params}, start, tokens)
+    carry, stepped = start, []
+    for t in range(tokens.shape[1]):
+        carry, logits = model.apply({"params": params}, carry, tokens[:, t : t + 1])
+        stepped.append(logits[:, 0])
+    np.testing.assert_allclose(np.stack(stepped, 1), logits_scan, rtol=1e-5, atol=1e-5)
+    for a, b in zip(jax.tree.leaves(carry), jax.tree.leaves(carry_scan), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+
+
 def _rms_norm(x, scale):
     return x / np.sqrt(np.mean(x**2, axis=-1, keepdims=True) + 1e-6) * scale
 
