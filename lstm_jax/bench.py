@@ -316,6 +316,7 @@ def format_table(results: dict[str, Any]) -> str:
     peak_memory, scratch = train["peak_memory_bytes"], train["step_scratch_bytes"]
     peak = matmul["flops_per_second"]
     extras = [name for name in ("residual", "layer_norm", "tie_embeddings") if sizes[name]]
+    extras += [f"--block={sizes['block']}"] if sizes["block"] != "plain" else []
     extras += [f"--{name}={sizes[name]}" for name in ("remat", "scan", "unroll", "hoist_input")]
     model = f"{sizes['num_layers']}x{sizes['hidden']} {sizes['cell']}, embed {sizes['embed_dim']}"
     model += f", vocab {sizes['vocab_size']}, {sizes['parameters']:,} parameters"

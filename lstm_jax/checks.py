@@ -10,6 +10,7 @@ from lstm_jax.errors import UsageError
 
 def check_combinations(config: Any) -> None:
     """The checks of a `Config` that need more than one setting (each is in its range by now)."""
+    from lstm_jax.blocks import refuse_what_the_block_cannot_do
     from lstm_jax.cells import CELLS, refuse_what_the_cell_cannot_do
 
     model, data = config.model, config.data
@@ -27,6 +28,7 @@ def check_combinations(config: Any) -> None:
     if model.cell not in CELLS:  # Cells may register after the flags are defined.
         raise UsageError(f"--cell must be one of {', '.join(CELLS)}, got {model.cell!r}.")
     refuse_what_the_cell_cannot_do(config)
+    refuse_what_the_block_cannot_do(config)
     if model.tie_embeddings and model.embed_dim != model.hidden:
         raise UsageError(
             "--tie_embeddings needs --embed_dim equal to --hidden (the output layer reuses the "

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from lstm_jax.settings import NON_NEGATIVE, POSITIVE, setting
+from lstm_jax.settings import NON_NEGATIVE, POSITIVE, Range, setting
 
 
 @dataclasses.dataclass(frozen=True)
@@ -45,4 +45,18 @@ class ModelConfig:
     mogrifier_rank: int = setting(
         0, "--cell=mogrifier: rank of each round's gating matrix (a product of two thin ones); "
         "0: full rank.", within=NON_NEGATIVE,
+    )  # fmt: skip
+    # --- Blocks and the RG-LRU cell (issue 27, items 4 and 2) ----------------------------------
+    block: str = setting(
+        "plain", "How each layer wraps its cell, a key of lstm_jax.blocks.BLOCKS. plain: the cell "
+        "alone (with --residual, --layer_norm); prenorm: x + cell(norm(x)), then x + "
+        "MLP(norm(x)), a gated MLP on a --hidden-wide residual stream.",
+    )  # fmt: skip
+    mlp_ratio: float = setting(
+        0.0, "--block=prenorm: width of the gated MLP as a multiple of --hidden; 0: 3 "
+        "(Griffin's).", within=NON_NEGATIVE,
+    )  # fmt: skip
+    rglru_conv_width: int = setting(
+        4, "--cell=rglru: characters the causal Conv1D before the RG-LRU sees, the current one "
+        "included (the last width - 1 of its inputs are carried).", within=Range(2, 64),
     )  # fmt: skip

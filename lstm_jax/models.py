@@ -4,10 +4,12 @@ The cell is pluggable (`--cell`, see `lstm_jax.cells`); the default is `nn.Optim
 The module takes the recurrent state (one carry per layer, whatever pytree the cell keeps) and
 returns the new one, so training can carry state from batch to batch and sampling can advance
 one character at a time with the same parameters. The ablation switches (residual connections,
-layer norm on layer outputs, one-hot input, tied embeddings, where dropout goes) live here,
-around the cells, so every cell gets them. The layers run one scan each (`--scan=layered`)
-or together as one wavefront scan (`--scan=wavefront`, `lstm_jax.wavefront`), with the same
-parameters and random draws.
+layer norm on layer outputs, one-hot input, tied embeddings, where dropout goes) act around
+the cells, so every cell gets them; how each layer wraps its cell is the block (`--block`,
+`lstm_jax.blocks`: plain, which holds the residual and layer-norm switches, or a pre-norm
+residual block with an MLP). The layers run
+one scan each (`--scan=layered`) or together as one wavefront scan (`--scan=wavefront`,
+`lstm_jax.wavefront`), with the same parameters and random draws.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from lstm_jax.blocks import BLOCKS
 from lstm_jax.cells import CELLS
 from lstm_jax.config import (
     ComputeConfig,
@@ -108,7 +111,8 @@ class CharLSTM(nn.Module):
         self, carry: Carry, x: jax.Array, *, train: bool, time_axis: tuple[int, ...],
         options: dict, keep: dict | None,
     ) -> tuple[jax.Array, Carry]:  # fmt: skip
-        """The stack as one scan per layer, each over the whole sequence (`--scan=layered`)."""
+        """The stack as one scan per layer, each over the whole sequence (`--scan=layered`),
+        each layer's cell wrapped in the `--block` (`lstm_jax.blocks`)."""
         config, reg = self.config, self.regularization
         cell_type = CELLS[config.cell]
         scan_options = {"remat": True} if self.compute.remat else {}  # Only cells that step.
@@ -116,28 +120,25 @@ class CharLSTM(nn.Module):
             scan_options["unroll"] = self.compute.unroll
         if self.compute.hoist_input:  # Only the cells that hoist; init takes the plain path.
             scan_options["hoist_input"] = True
-        new_carry = []
+
+        def drop(y: jax.Array) -> jax.Array:
+            return Dropout(reg.dropout, broadcast_dims=time_axis)(
+                y, deterministic=not train, keep=keep and keep["dropout"]
+            )
+
+        block = BLOCKS[config.block](
+            config, jnp.dtype(self.compute.dtype), drop, reg.dropout_at == "between"
+        )
+        x, new_carry = block.enter(x), []
         for layer in range(config.num_layers):
-            layer_input = x
-            if layer > 0 and reg.dropout_at == "between":
-                # Outside the scan: one mask per character, or per sequence (variational).
-                layer_input = Dropout(reg.dropout, broadcast_dims=time_axis)(
-                    x, deterministic=not train, keep=keep and keep["dropout"]
-                )
             layer_cell = cell_type
             if train and reg.weight_drop:  # A mask of its own for every layer.
                 keep_weight = _keep_probability(reg, keep, "weight_drop")
                 layer_cell = _with_weight_drop(cell_type, self, keep_weight)
-            layer_carry, y = layer_cell(
-                config.hidden, name=f"{config.cell}_{layer}", **options
-            ).scan(carry[layer], layer_input, **scan_options)
-            if config.layer_norm:
-                y = nn.LayerNorm(dtype=jnp.dtype(self.compute.dtype), name=f"norm_{layer}")(y)
-            if config.residual and layer > 0:
-                y = y + x  # The undropped input: dropout acts on the branch, not the skip.
-            x = y
+            cell = layer_cell(config.hidden, name=f"{config.cell}_{layer}", **options)
+            layer_carry, x = block.layer(layer, cell, carry[layer], x, **scan_options)
             new_carry.append(layer_carry)
-        return x, tuple(new_carry)
+        return block.leave(x), tuple(new_carry)
 
     def _wavefront(
         self, carry: Carry, x: jax.Array, *, train: bool, time_axis: tuple[int, ...],
@@ -294,15 +295,13 @@ def count_params(params: Any) -> int:
 def forward_flops_per_char(config: ModelConfig, vocab_size: int) -> int:
     """Forward matmul FLOPs for one character (a multiply-add counts 2), counted analytically.
 
-    Each layer's cell counts its own step (`Cell.flops_per_step`), with the embedding as the
-    first layer's input (or the one-hot characters, vocab_size wide, when embed_dim is 0) and
-    the layer below's output after that; the output layer adds hidden * vocab_size * 2 (tied or
-    not). The embedding lookup, layer norms, residual adds and dropout are not matmuls and are
-    not counted. Training takes about 3x this (each matmul's backward is two matmuls).
+    The block counts the stack (`Block.flops`): each layer's cell counts its own step
+    (`Cell.flops_per_step`), with the embedding as the stack's input (or the one-hot
+    characters, vocab_size wide, when embed_dim is 0), plus the block's own matmuls (prenorm's
+    MLPs and embedding projection); the output layer adds hidden * vocab_size * 2 (tied or not).
+    The embedding lookup, norms, residual adds and dropout are not matmuls and are not counted.
+    Training takes about 3x this (each matmul's backward is two matmuls).
     """
-    cell = free_cell(config)
-    input_dim, flops = config.embed_dim or vocab_size, 0
-    for _ in range(config.num_layers):
-        flops += cell.flops_per_step(input_dim)
-        input_dim = config.hidden
+    block = BLOCKS[config.block]
+    flops = block.flops(config, free_cell(config), config.embed_dim or vocab_size)
     return flops + 2 * config.hidden * vocab_size

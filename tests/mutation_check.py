@@ -754,6 +754,25 @@ MUTATIONS: tuple[Mutation, ...] = (
         "the Mogrifier gates h first, then x: not the paper's order",
         k="mogrifier",
     ),
+    # --- Blocks and the RG-LRU cell (issue 27, items 4 and 2) ---------------------------------
+    Mutation(
+        "rglru_conv_state_not_carried",
+        "cells/rglru.py",
+        "u = jnp.concatenate([conv_inputs, self.linear_x(xs)], axis=1)",
+        "u = jnp.concatenate([0 * conv_inputs, self.linear_x(xs)], axis=1)",
+        (CELLS_TEST,),
+        "the RG-LRU's parallel scan forgets the conv inputs carried from the last batch",
+        k="rglru",
+    ),
+    Mutation(
+        "prenorm_mlp_replaces_the_stream",
+        "blocks.py",
+        "return carry, x + self._drop_branch(y)",
+        "return carry, self._drop_branch(y)",
+        ("tests/test_blocks.py",),
+        "the prenorm block's MLP output replaces the residual stream instead of adding to it",
+        k="prenorm_is",
+    ),
     # --- The workdir under a hostile user (issue 16) -------------------------------------------
     Mutation(
         "lock_never_refuses",

@@ -43,6 +43,7 @@ TINY_FLAGS = [f"--{name}={value}" for name, value in TINY.items()] + [
 DEFAULT_MODEL = {
     "cell": "lstm", "residual": False, "layer_norm": False, "tie_embeddings": False,
     "mogrifier_rounds": 5, "mogrifier_rank": 0,
+    "block": "plain", "mlp_ratio": 0.0, "rglru_conv_width": 4,  # Issue 27, items 4 and 2.
 }  # fmt: skip
 HAS_TORCH = importlib.util.find_spec("torch") is not None
 

@@ -24,7 +24,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-from lstm_jax.cells import gru, lstm, lstm_ln, minlstm, mogrifier, slstm
+from lstm_jax.cells import gru, lstm, lstm_ln, minlstm, mogrifier, rglru, slstm
 from lstm_jax.cells.base import Carry, Cell
 from lstm_jax.errors import UsageError
 
@@ -35,6 +35,8 @@ CELLS: dict[str, type[Cell]] = {
     "slstm": slstm.SLSTM,
     "minlstm": minlstm.MinLSTM,
     "mogrifier": mogrifier.Mogrifier,
+    # Griffin's recurrent block around the RG-LRU (issue 27, item 2).
+    "rglru": rglru.RGLRU,
 }
 
 
