@@ -1,6 +1,6 @@
 """Tune dynamic evaluation on validation, then score the test text once with the best settings.
 
-    python experiments/dynamic_sweep.py runs/dracula_wd [--checkpoint=best] \\
+    python experiments/dynamic_sweep.py runs/dracula_wd [--checkpoint=best] [--member=K] \\
         [--lrs=1e-5,2e-5,4e-5,8e-5] [--decays=0,0.002,0.01] [--segment=50]
 
 Gradient statistics come from the run's training text (as `python -m lstm_jax.evaluate
@@ -27,6 +27,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("workdir")
     parser.add_argument("--checkpoint", default="best")
+    parser.add_argument(
+        "--member", default="", help="A population's member (index or settings); empty: the best."
+    )
     parser.add_argument("--lrs", default="1e-5,2e-5,4e-5,8e-5")
     parser.add_argument("--decays", default="0,0.002,0.01")
     parser.add_argument("--segment", type=int, default=50)
@@ -35,7 +38,7 @@ def main() -> None:
     parser.add_argument("--test_fraction", type=float)
     args = parser.parse_args()
 
-    model, params, vocab, step, meta = restore(args.workdir, args.checkpoint)
+    model, params, vocab, step, meta = restore(args.workdir, args.checkpoint, args.member)
     # A run trained before --test_fraction with --val_fraction=0.15 trained on exactly the text
     # that 0.05 / 0.1 leave for training: override its split to score it on today's.
     overrides = {k: getattr(args, k) for k in ("val_fraction", "test_fraction")}
