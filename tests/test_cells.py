@@ -341,3 +341,108 @@ def test_rglru_trains_without_a_sequential_loop_and_with_finite_gradients():
 def test_rglru_refuses_weight_drop_for_want_of_recurrent_kernels():
     with pytest.raises(UsageError, match="--cell=rglru has none. Drop --weight_drop."):
         Config.create(cell="rglru", weight_drop=0.3).validate()
+
+
+# --- mlstm: xLSTM's matrix-memory LSTM (issue 27, item 1) -----------------------------------
+
+
+def _mlstm_start(forget: str, chunk: int, batch: int = 3, prefix: int = 100):
+    """An mLSTM cell (16 wide, 4 heads), its parameters, a carry that `prefix` random inputs
+    leave behind (C, n and m all non-zero), and 300 more inputs."""
+    from lstm_jax.cells.mlstm import MLSTM
+
+    cell = MLSTM(16, heads=4, chunk=chunk, forget=forget)
+    xs = jax.random.normal(jax.random.key(0), (batch, prefix + 300, 8))
+    params = cell.init(jax.random.key(4), cell.init_carry(batch), xs[:, 0])["params"]
+
+    def step(carry, x):
+        return cell.apply({"params": params}, carry, x)
+
+    carry, _ = jax.lax.scan(step, cell.init_carry(batch), xs[:, :prefix].swapaxes(0, 1))
+    return cell, params, carry, xs[:, prefix:], step
+
+
+@pytest.mark.parametrize("forget", ["sigmoid", "exponential"])
+@pytest.mark.parametrize("chunk", [0, 7, 64])  # 0: one parallel pass; 7, 64: chunkwise + rest.
+def test_mlstm_parallel_and_chunkwise_forms_equal_the_recurrent_steps_from_a_carried_state(
+    forget, chunk
+):
+    cell, params, carry, xs, step = _mlstm_start(forget, chunk)
+    assert all(float(jnp.abs(a).min()) > 0 or a.ndim > 2 for a in carry)  # A real carry.
+    assert float(jnp.abs(carry[2]).max()) > 1  # The stabiliser m has moved off zero.
+    carry_parallel, ys_parallel = cell.apply({"params": params}, carry, xs, method="scan")
+    carry_steps, ys_steps = jax.lax.scan(step, carry, xs.swapaxes(0, 1))
+    # Measured, float32, 300 steps from the carry: sigmoid forget gate, max abs difference
+    # 2.6e-6 on outputs up to 1.6, 5.7e-6 on C (up to 18), 2.6e-6 on m (up to 4.2); the
+    # exponential one lets m grow to 1,805, where a float32 ulp is 1.2e-4: 7.3e-4 on m
+    # (4e-7 relative), 3.1e-5 on outputs.
+    atol = 1e-5 if forget == "sigmoid" else 1e-4
+    np.testing.assert_allclose(ys_parallel, ys_steps.swapaxes(0, 1), rtol=1e-5, atol=atol)
+    for a, b in zip(carry_parallel, carry_steps, strict=True):
+        np.testing.assert_allclose(a, b, rtol=2e-6, atol=1e-5)
+
+
+def test_mlstm_step_is_the_unstabilised_xlstm_recurrence():
+    """The step against xLSTM's equations without the stabiliser, in float64: C_t = f C + e^i
+    k v^T, n_t = f n + e^i k, h~ = C^T q / max(|n . q|, 1), from the true (unscaled) C = e^m C~."""
+
+    def sigmoid(z):
+        return 1 / (1 + np.exp(-z))
+
+    cell, params, carry, xs, _ = _mlstm_start("sigmoid", 0, batch=2, prefix=5)
+    (c, n, m), y = cell.apply({"params": params}, carry, xs[:, 0])
+    p = jax.tree.map(lambda a: np.asarray(a, np.float64), params)
+    x = np.asarray(xs[:, 0], np.float64)
+    c0, n0, m0 = (np.asarray(a, np.float64) for a in carry)
+
+    def dense(name):
+        return x @ p[name]["kernel"] + p[name]["bias"]
+
+    q, k, v = (dense(f"{name}_proj").reshape(2, 4, 4) for name in "qkv")
+    k = k / 2.0  # sqrt(d), d = 16 / 4 heads.
+    f, i = sigmoid(dense("forget_gate")), np.exp(dense("input_gate"))
+    true_c = f[..., None, None] * (np.exp(m0)[..., None, None] * c0) + i[..., None, None] * (
+        k[..., :, None] * v[..., None, :]
+    )
+    true_n = f[..., None] * (np.exp(m0)[..., None] * n0) + i[..., None] * k
+    h = np.einsum("bhk,bhkv->bhv", q, true_c)
+    h = h / np.maximum(np.abs(np.sum(true_n * q, -1)), 1.0)[..., None]
+    normed = (h - h.mean(-1, keepdims=True)) / np.sqrt(h.var(-1, keepdims=True) + 1e-6)
+    want = sigmoid(dense("output_gate")) * p["norm_scale"] * normed.reshape(2, 16)
+    np.testing.assert_allclose(y, want, rtol=1e-4, atol=1e-5)
+    m_want = np.maximum(np.log(f) + m0, np.log(i))  # The stabiliser; C, n scaled by e^-m.
+    np.testing.assert_allclose(m, m_want, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(c, true_c / np.exp(m_want)[..., None, None], rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(n, true_n / np.exp(m_want)[..., None], rtol=1e-4, atol=1e-6)
+    kernels = sum(np.size(a) for a in jax.tree.leaves(params) if np.ndim(a) == 2)
+    assert cell.flops_per_step(8) == 2 * kernels + 6 * 16 * 4  # Weights, then C's 6 per entry.
+
+
+def test_mlstm_trains_without_a_sequential_loop_in_its_parallel_form():
+    cell, params, carry, xs, _ = _mlstm_start("sigmoid", 0, batch=2, prefix=3)
+
+    def loss(params):
+        _, ys = cell.apply({"params": params}, carry, xs[:, :64], method="scan")
+        return ys.sum()
+
+    primitives = {eqn.primitive.name for eqn in jax.make_jaxpr(jax.grad(loss))(params).eqns}
+    assert not primitives & {"scan", "while"}, primitives
+    assert all(bool(jnp.isfinite(g).all()) for g in jax.tree.leaves(jax.grad(loss)(params)))
+
+
+@pytest.mark.parametrize(
+    "settings, message",
+    [
+        ({"cell": "mlstm", "hidden": 16, "mlstm_heads": 3}, "--mlstm_heads=3 must divide "
+         "--hidden=16 (each head is hidden / heads wide); pick a divisor"),
+        ({"mlstm_heads": 2}, "--mlstm_heads acts on --cell=mlstm only; add --cell=mlstm or drop"),
+        ({"mlstm_chunk": 8}, "--mlstm_chunk acts on --cell=mlstm only"),
+        ({"cell": "gru", "mlstm_forget": "exponential"}, "--mlstm_forget acts on --cell=mlstm"),
+        ({"cell": "mlstm", "weight_drop": 0.3}, "--cell=mlstm has none. Drop --weight_drop."),
+        ({"cell": "mlstm", "scan": "wavefront"}, "--scan=wavefront needs a step-by-step scan"),
+    ],
+)  # fmt: skip
+def test_what_a_new_cell_cannot_take_is_refused_in_one_line(settings, message):
+    with pytest.raises(UsageError, match=re.escape(message)) as error:
+        Config.create(**settings).validate()
+    assert "\n" not in str(error.value)
