@@ -889,6 +889,15 @@ MUTATIONS: tuple[Mutation, ...] = (
         "the mLSTM step's forget gate ignores the max-stabiliser (C and n lose their scale)",
         k="mlstm",
     ),
+    Mutation(
+        "attention_mask_sees_one_step_ahead",
+        "cells/attention.py",
+        "allowed = (distance >= 0) & (distance < window)",
+        "allowed = (distance >= -1) & (distance < window)",
+        (CELLS_TEST,),
+        "attention's mask lets each position see the next character (the one it predicts)",
+        k="attention",
+    ),
 )
 
 

@@ -24,7 +24,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-from lstm_jax.cells import gru, lstm, lstm_ln, minlstm, mlstm, mogrifier, rglru, slstm
+from lstm_jax.cells import attention, gru, lstm, lstm_ln, minlstm, mlstm, mogrifier, rglru, slstm
 from lstm_jax.cells.base import Carry, Cell
 from lstm_jax.errors import UsageError
 
@@ -39,6 +39,8 @@ CELLS: dict[str, type[Cell]] = {
     "rglru": rglru.RGLRU,
     # xLSTM's matrix-memory LSTM, parallel or chunkwise in training (issue 27, item 1).
     "mlstm": mlstm.MLSTM,
+    # Causal multi-head attention over a sliding window, rotary positions (issue 27, item 3).
+    "attention": attention.Attention,
 }
 
 
