@@ -14,7 +14,7 @@ import jax.numpy as jnp
 
 from lstm_jax.config import Config
 from lstm_jax.errors import UsageError
-from lstm_jax.models import forward_flops_per_char
+from lstm_jax.models import forward_flops_per_char, state_flops_per_char
 
 FLOAT32_BYTES = 4
 # Arrays per parameter in training: the parameter, its gradient and Adam's two moments.
@@ -30,8 +30,10 @@ def training_bytes(config: Config, vocab_size: int) -> dict[str, int]:
     and optimizer state) and "activations" (what the backward pass keeps for a whole batch)."""
     model, data = config.model, config.data
     # Each matmul weight is used once per character in a multiply-add (2 FLOPs): the cells' own
-    # FLOP counts give their weights, whatever the cell. Biases and norms are left out (small).
-    parameters = forward_flops_per_char(model, vocab_size) // 2 + vocab_size * model.embed_dim
+    # FLOP counts give their weights, whatever the cell, less what the cells' state does
+    # without a weight (a matrix memory, attention). Biases and norms are left out (small).
+    weight_flops = forward_flops_per_char(model, vocab_size) - state_flops_per_char(model)
+    parameters = weight_flops // 2 + vocab_size * model.embed_dim
     saved = SAVED_PER_UNIT_REMAT if config.compute.remat else SAVED_PER_UNIT
     per_char = model.embed_dim + saved * model.hidden * model.num_layers
     activations = per_char * jnp.dtype(config.compute.dtype).itemsize

@@ -60,3 +60,25 @@ class ModelConfig:
         4, "--cell=rglru: characters the causal Conv1D before the RG-LRU sees, the current one "
         "included (the last width - 1 of its inputs are carried).", within=Range(2, 64),
     )  # fmt: skip
+    # --- The mLSTM and attention cells (issue 27, items 1 and 3) -------------------------------
+    mlstm_heads: int = setting(
+        0, "--cell=mlstm: heads, each with its own matrix memory of (hidden / heads)^2; must "
+        "divide --hidden; 0: 4 where 4 divides --hidden, else 1.", within=Range(0, 4096),
+    )  # fmt: skip
+    mlstm_chunk: int = setting(
+        0, "--cell=mlstm: characters per chunk of the chunkwise training form (linear in "
+        "--seq_len, quadratic in the chunk); 0: the whole sequence at once (the parallel form).",
+        within=NON_NEGATIVE,
+    )  # fmt: skip
+    mlstm_forget: str = setting(
+        "sigmoid", "--cell=mlstm: the forget gate, sigmoid (xLSTM's default) or exponential.",
+        choices=("sigmoid", "exponential"),
+    )  # fmt: skip
+    attention_window: int = setting(
+        0, "--cell=attention: characters each position attends to, itself included (the keys "
+        "and values of the last this many are carried); 0: 128.", within=Range(0, 65536),
+    )  # fmt: skip
+    attention_heads: int = setting(
+        0, "--cell=attention: heads; must divide --hidden; 0: 4 where 4 divides --hidden, "
+        "else 1.", within=Range(0, 4096),
+    )  # fmt: skip

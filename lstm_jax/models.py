@@ -299,9 +299,16 @@ def forward_flops_per_char(config: ModelConfig, vocab_size: int) -> int:
     (`Cell.flops_per_step`), with the embedding as the stack's input (or the one-hot
     characters, vocab_size wide, when embed_dim is 0), plus the block's own matmuls (prenorm's
     MLPs and embedding projection); the output layer adds hidden * vocab_size * 2 (tied or not).
-    The embedding lookup, norms, residual adds and dropout are not matmuls and are not counted.
-    Training takes about 3x this (each matmul's backward is two matmuls).
+    The embedding lookup, norms, residual adds and dropout are not matmuls and are not counted;
+    a cell's state is, where it is more than a vector (`state_flops_per_char`). Training
+    takes about 3x this (each matmul's backward is two matmuls).
     """
     block = BLOCKS[config.block]
     flops = block.flops(config, free_cell(config), config.embed_dim or vocab_size)
     return flops + 2 * config.hidden * vocab_size
+
+
+def state_flops_per_char(config: ModelConfig) -> int:
+    """The part of `forward_flops_per_char` that no weight makes: the cells' own state (mlstm's
+    matrix memory, attention over its window; `Cell.state_flops_per_step`), every layer."""
+    return config.num_layers * free_cell(config).state_flops_per_step()

@@ -879,6 +879,25 @@ MUTATIONS: tuple[Mutation, ...] = (
         (f"{POP}::test_readers_pick_a_member_by_index_or_settings_and_default_to_the_best",),
         "sample/evaluate/export/load default to the worst member by validation",
     ),
+    # --- The mLSTM and attention cells (issue 27, items 1 and 3) -------------------------------
+    Mutation(
+        "mlstm_forget_ignores_the_stabiliser",
+        "cells/mlstm.py",
+        "forget = jnp.exp(log_f + m - m_new)[..., None]",
+        "forget = jnp.exp(log_f)[..., None]",
+        (CELLS_TEST,),
+        "the mLSTM step's forget gate ignores the max-stabiliser (C and n lose their scale)",
+        k="mlstm",
+    ),
+    Mutation(
+        "attention_mask_sees_one_step_ahead",
+        "cells/attention.py",
+        "allowed = (distance >= 0) & (distance < window)",
+        "allowed = (distance >= -1) & (distance < window)",
+        (CELLS_TEST,),
+        "attention's mask lets each position see the next character (the one it predicts)",
+        k="attention",
+    ),
 )
 
 

@@ -13,6 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from builders import make_model
+from references import cross_entropy_sum
 
 from lstm_jax.cells import CELLS, Cell
 from lstm_jax.cells.minlstm import MinLSTM
@@ -341,3 +342,218 @@ def test_rglru_trains_without_a_sequential_loop_and_with_finite_gradients():
 def test_rglru_refuses_weight_drop_for_want_of_recurrent_kernels():
     with pytest.raises(UsageError, match="--cell=rglru has none. Drop --weight_drop."):
         Config.create(cell="rglru", weight_drop=0.3).validate()
+
+
+# --- mlstm: xLSTM's matrix-memory LSTM (issue 27, item 1) -----------------------------------
+
+
+def _mlstm_start(forget: str, chunk: int, batch: int = 3, prefix: int = 100):
+    """An mLSTM cell (16 wide, 4 heads), its parameters, a carry that `prefix` random inputs
+    leave behind (C, n and m all non-zero), and 300 more inputs."""
+    from lstm_jax.cells.mlstm import MLSTM
+
+    cell = MLSTM(16, heads=4, chunk=chunk, forget=forget)
+    xs = jax.random.normal(jax.random.key(0), (batch, prefix + 300, 8))
+    params = cell.init(jax.random.key(4), cell.init_carry(batch), xs[:, 0])["params"]
+
+    def step(carry, x):
+        return cell.apply({"params": params}, carry, x)
+
+    carry, _ = jax.lax.scan(step, cell.init_carry(batch), xs[:, :prefix].swapaxes(0, 1))
+    return cell, params, carry, xs[:, prefix:], step
+
+
+@pytest.mark.parametrize("forget", ["sigmoid", "exponential"])
+@pytest.mark.parametrize("chunk", [0, 7, 64])  # 0: one parallel pass; 7, 64: chunkwise + rest.
+def test_mlstm_parallel_and_chunkwise_forms_equal_the_recurrent_steps_from_a_carried_state(
+    forget, chunk
+):
+    cell, params, carry, xs, step = _mlstm_start(forget, chunk)
+    assert all(float(jnp.abs(a).min()) > 0 or a.ndim > 2 for a in carry)  # A real carry.
+    assert float(jnp.abs(carry[2]).max()) > 1  # The stabiliser m has moved off zero.
+    carry_parallel, ys_parallel = cell.apply({"params": params}, carry, xs, method="scan")
+    carry_steps, ys_steps = jax.lax.scan(step, carry, xs.swapaxes(0, 1))
+    # Measured, float32, 300 steps from the carry: sigmoid forget gate, max abs difference
+    # 2.6e-6 on outputs up to 1.6, 5.7e-6 on C (up to 18), 2.6e-6 on m (up to 4.2); the
+    # exponential one lets m grow to 1,805, where a float32 ulp is 1.2e-4: 7.3e-4 on m
+    # (4e-7 relative), 3.1e-5 on outputs.
+    atol = 1e-5 if forget == "sigmoid" else 1e-4
+    np.testing.assert_allclose(ys_parallel, ys_steps.swapaxes(0, 1), rtol=1e-5, atol=atol)
+    for a, b in zip(carry_parallel, carry_steps, strict=True):
+        np.testing.assert_allclose(a, b, rtol=2e-6, atol=1e-5)
+
+
+def test_mlstm_step_is_the_unstabilised_xlstm_recurrence():
+    """The step against xLSTM's equations without the stabiliser, in float64: C_t = f C + e^i
+    k v^T, n_t = f n + e^i k, h~ = C^T q / max(|n . q|, 1), from the true (unscaled) C = e^m C~."""
+
+    def sigmoid(z):
+        return 1 / (1 + np.exp(-z))
+
+    cell, params, carry, xs, _ = _mlstm_start("sigmoid", 0, batch=2, prefix=5)
+    (c, n, m), y = cell.apply({"params": params}, carry, xs[:, 0])
+    p = jax.tree.map(lambda a: np.asarray(a, np.float64), params)
+    x = np.asarray(xs[:, 0], np.float64)
+    c0, n0, m0 = (np.asarray(a, np.float64) for a in carry)
+
+    def dense(name):
+        return x @ p[name]["kernel"] + p[name]["bias"]
+
+    q, k, v = (dense(f"{name}_proj").reshape(2, 4, 4) for name in "qkv")
+    k = k / 2.0  # sqrt(d), d = 16 / 4 heads.
+    f, i = sigmoid(dense("forget_gate")), np.exp(dense("input_gate"))
+    true_c = f[..., None, None] * (np.exp(m0)[..., None, None] * c0) + i[..., None, None] * (
+        k[..., :, None] * v[..., None, :]
+    )
+    true_n = f[..., None] * (np.exp(m0)[..., None] * n0) + i[..., None] * k
+    h = np.einsum("bhk,bhkv->bhv", q, true_c)
+    h = h / np.maximum(np.abs(np.sum(true_n * q, -1)), 1.0)[..., None]
+    normed = (h - h.mean(-1, keepdims=True)) / np.sqrt(h.var(-1, keepdims=True) + 1e-6)
+    want = sigmoid(dense("output_gate")) * p["norm_scale"] * normed.reshape(2, 16)
+    np.testing.assert_allclose(y, want, rtol=1e-4, atol=1e-5)
+    m_want = np.maximum(np.log(f) + m0, np.log(i))  # The stabiliser; C, n scaled by e^-m.
+    np.testing.assert_allclose(m, m_want, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(c, true_c / np.exp(m_want)[..., None, None], rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(n, true_n / np.exp(m_want)[..., None], rtol=1e-4, atol=1e-6)
+    kernels = sum(np.size(a) for a in jax.tree.leaves(params) if np.ndim(a) == 2)
+    assert cell.flops_per_step(8) == 2 * kernels + 6 * 16 * 4  # Weights, then C's 6 per entry.
+
+
+def test_mlstm_trains_without_a_sequential_loop_in_its_parallel_form():
+    cell, params, carry, xs, _ = _mlstm_start("sigmoid", 0, batch=2, prefix=3)
+
+    def loss(params):
+        _, ys = cell.apply({"params": params}, carry, xs[:, :64], method="scan")
+        return ys.sum()
+
+    primitives = {eqn.primitive.name for eqn in jax.make_jaxpr(jax.grad(loss))(params).eqns}
+    assert not primitives & {"scan", "while"}, primitives
+    assert all(bool(jnp.isfinite(g).all()) for g in jax.tree.leaves(jax.grad(loss)(params)))
+
+
+@pytest.mark.parametrize(
+    "settings, message",
+    [
+        ({"cell": "mlstm", "hidden": 16, "mlstm_heads": 3}, "--mlstm_heads=3 must divide "
+         "--hidden=16 (each head is hidden / heads wide); pick a divisor"),
+        ({"mlstm_heads": 2}, "--mlstm_heads acts on --cell=mlstm only; add --cell=mlstm or drop"),
+        ({"mlstm_chunk": 8}, "--mlstm_chunk acts on --cell=mlstm only"),
+        ({"cell": "gru", "mlstm_forget": "exponential"}, "--mlstm_forget acts on --cell=mlstm"),
+        ({"cell": "mlstm", "weight_drop": 0.3}, "--cell=mlstm has none. Drop --weight_drop."),
+        ({"cell": "mlstm", "scan": "wavefront"}, "--scan=wavefront needs a step-by-step scan"),
+        ({"attention_window": 32}, "--attention_window acts on --cell=attention only; add "
+         "--cell=attention or drop --attention_window."),
+        ({"cell": "mlstm", "attention_heads": 2}, "--attention_heads acts on --cell=attention"),
+        ({"cell": "attention", "hidden": 12, "attention_heads": 5}, "--attention_heads=5 must "
+         "divide --hidden=12"),
+        ({"cell": "attention", "weight_drop": 0.3}, "--cell=attention has none. Drop "
+         "--weight_drop."),
+        ({"cell": "attention", "remat": True}, "--remat needs a step-by-step scan"),
+    ],
+)  # fmt: skip
+def test_what_a_new_cell_cannot_take_is_refused_in_one_line(settings, message):
+    with pytest.raises(UsageError, match=re.escape(message)) as error:
+        Config.create(**settings).validate()
+    assert "\n" not in str(error.value)
+
+
+# --- attention: causal multi-head attention over a sliding window (issue 27, item 3) ----------
+
+
+def _attention_start(window: int, batch: int = 3, steps: int = 60, features: int = 16):
+    from lstm_jax.cells.attention import Attention
+
+    cell = Attention(features, window=window, heads=4)
+    xs = jax.random.normal(jax.random.key(0), (batch, steps, 5))
+    params = cell.init(jax.random.key(1), cell.init_carry(batch), xs[:, 0])["params"]
+    return cell, params, xs
+
+
+@pytest.mark.parametrize("window, chunk", [(8, 20), (8, 5), (1, 7), (64, 20)])
+def test_attention_chunks_with_the_carried_window_equal_one_pass_and_stepping(window, chunk):
+    # Chunks longer and shorter than the window; a window of 1 (each position sees itself);
+    # one longer than the whole text (every position sees the whole past).
+    cell, params, xs = _attention_start(window)
+    apply = functools.partial(cell.apply, {"params": params}, method="scan")
+    carry_whole, ys_whole = apply(cell.init_carry(3), xs)
+    carry, pieces = cell.init_carry(3), []
+    for start in range(0, xs.shape[1], chunk):
+        carry, ys = apply(carry, xs[:, start : start + chunk])
+        pieces.append(ys)
+    carry_steps, ys_steps = jax.lax.scan(
+        lambda carry, x: cell.apply({"params": params}, carry, x), cell.init_carry(3),
+        xs.swapaxes(0, 1),
+    )  # fmt: skip
+    # Measured: at most 4.8e-7 apart on outputs up to 3.2 (rotary angles of other positions).
+    np.testing.assert_allclose(jnp.concatenate(pieces, 1), ys_whole, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(ys_steps.swapaxes(0, 1), ys_whole, rtol=1e-5, atol=1e-5)
+    for a, b, c in zip(carry_whole, carry, carry_steps, strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6)
+        np.testing.assert_allclose(a, c, rtol=1e-6, atol=1e-6)
+    valid = np.asarray(carry_whole[2])  # The last min(window, 60) positions hold characters.
+    assert valid.sum(1).tolist() == [min(window, 60)] * 3
+
+
+def test_attention_is_softmax_attention_over_the_window_with_rotary_positions():
+    """Each output against a float64 reference written out here: explicit 2x2 rotations of
+    each feature pair by position x frequency, scores over the last W positions only."""
+    window, features, heads, d = 4, 8, 4, 2
+    cell, params, xs = _attention_start(window, batch=2, steps=9, features=features)
+    _, ys = cell.apply({"params": params}, cell.init_carry(2), xs, method="scan")
+    p = jax.tree.map(lambda a: np.asarray(a, np.float64), params)
+    x = np.asarray(xs, np.float64)
+
+    def dense(v, name):
+        return v @ p[name]["kernel"] + p[name]["bias"]
+
+    def turned(v, position):  # v [..., heads, 2]: the one pair (0, 1) per head, frequency 1.
+        angle = position * 1.0
+        rotation = np.array([[np.cos(angle), -np.sin(angle)], [np.sin(angle), np.cos(angle)]])
+        return v @ rotation.T
+
+    q, k, v = (dense(x, f"{name}_proj").reshape(2, 9, heads, d) for name in "qkv")
+    want = np.zeros((2, 9, features))
+    for t in range(9):
+        seen = range(max(0, t - window + 1), t + 1)
+        scores = np.stack([np.sum(turned(q[:, t], t) * turned(k[:, j], j), -1) for j in seen])
+        weights = np.exp(scores / np.sqrt(d)) / np.exp(scores / np.sqrt(d)).sum(0)
+        heads_out = sum(w[..., None] * v[:, j] for w, j in zip(weights, seen, strict=True))
+        want[:, t] = dense(heads_out.reshape(2, features), "out_proj")
+    np.testing.assert_allclose(ys, want, rtol=1e-5, atol=1e-6)
+    kernels = sum(np.size(a) for a in jax.tree.leaves(params) if np.ndim(a) == 2)
+    assert cell.flops_per_step(5) == 2 * kernels + (4 + 3) * window * features  # + rotation
+
+
+@pytest.mark.parametrize("cell", ["mlstm", "attention"])
+def test_new_cells_export_and_load_give_the_checkpoints_logits(tiny_config, tmp_path, cell):
+    # What `python -m lstm_jax.export` writes, read back as LOAD_EXPORT (test_workflows) does.
+    import dataclasses
+
+    import lstm_jax
+    from lstm_jax import export
+    from lstm_jax.api import restore
+
+    config = tiny_config.replace(cell=cell, num_steps=4)
+    result = train_and_evaluate(config, devices=jax.local_devices()[:1])
+    model, params, vocab, step, _ = restore(config.loop.workdir, "latest", "")
+    out = tmp_path / "exported"
+    out.mkdir()
+    export.write_export(out, params, vocab.chars, dataclasses.asdict(model.config), {})
+    loaded = {}
+    for name, array in export.safetensors_numpy().load_file(str(out / "model.safetensors")).items():
+        *parents, leaf = name.split("/")
+        functools.reduce(lambda node, key: node.setdefault(key, {}), parents, loaded)[leaf] = array
+    ids = jnp.asarray(vocab.encode("The night was dark. The count")[None])
+    net = build_model(config, vocab.size)
+    _, want = net.apply({"params": result.params}, net.initialize_carry(1), ids)
+    _, got = model.apply({"params": loaded}, model.initialize_carry(1), ids)
+    np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
+    # Scoring reads the text in chunks of 256 with the carry (the window, the memory) between.
+    trained = lstm_jax.load(config.loop.workdir)
+    text = Path(config.data.data_path).read_text()[:700]
+    ids = vocab.encode(text)
+    _, logits = net.apply({"params": result.params}, net.initialize_carry(1), ids[None])
+    want = cross_entropy_sum(logits[0, :-1], ids[1:]) / (len(ids) - 1) / np.log(2)
+    assert trained.step == step == 4
+    np.testing.assert_allclose(trained.score(text), want, rtol=1e-5)
+    assert len(trained.generate("The ", length=30, seed=1)) == 30

@@ -24,7 +24,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-from lstm_jax.cells import gru, lstm, lstm_ln, minlstm, mogrifier, rglru, slstm
+from lstm_jax.cells import attention, gru, lstm, lstm_ln, minlstm, mlstm, mogrifier, rglru, slstm
 from lstm_jax.cells.base import Carry, Cell
 from lstm_jax.errors import UsageError
 
@@ -37,6 +37,10 @@ CELLS: dict[str, type[Cell]] = {
     "mogrifier": mogrifier.Mogrifier,
     # Griffin's recurrent block around the RG-LRU (issue 27, item 2).
     "rglru": rglru.RGLRU,
+    # xLSTM's matrix-memory LSTM, parallel or chunkwise in training (issue 27, item 1).
+    "mlstm": mlstm.MLSTM,
+    # Causal multi-head attention over a sliding window, rotary positions (issue 27, item 3).
+    "attention": attention.Attention,
 }
 
 
@@ -56,6 +60,8 @@ def refuse_what_the_cell_cannot_do(config: Any) -> None:
     compute dtype, recurrent kernels to drop, or a step-by-step scan (for --remat, --unroll and
     --scan=wavefront). The capabilities come from the classes, so a new cell needs no entry."""
     model, compute = config.model, config.compute
+    refuse_settings_of_other_cells(model)
+    CELLS[model.cell].refuse(model)
     if compute.dtype != "float32" and not cell_takes_dtype(model.cell):
         takes = ", ".join(name for name in CELLS if cell_takes_dtype(name))
         raise UsageError(
@@ -83,11 +89,27 @@ def refuse_what_the_cell_cannot_do(config: Any) -> None:
         )
 
 
+def refuse_settings_of_other_cells(model: Any) -> None:
+    """Raise `UsageError` where a `ModelConfig` sets, away from its default, a setting that only
+    another cell reads (`Cell.settings`): it would be ignored."""
+    defaults = {field.name: field.default for field in dataclasses.fields(model)}
+    for name, cell_type in CELLS.items():
+        if name == model.cell:
+            continue
+        for setting in cell_type.settings:
+            if getattr(model, setting) != defaults[setting]:
+                raise UsageError(
+                    f"--{setting} acts on --cell={name} only; add --cell={name} or drop "
+                    f"--{setting}."
+                )
+
+
 __all__ = [
     "CELLS",
     "Carry",
     "Cell",
     "cell_steps_in_scan",
     "cell_takes_dtype",
+    "refuse_settings_of_other_cells",
     "refuse_what_the_cell_cannot_do",
 ]

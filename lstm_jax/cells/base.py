@@ -7,7 +7,28 @@ from typing import Any, ClassVar
 import flax.linen as nn
 import jax
 
+from lstm_jax.errors import UsageError
+
 Carry = Any  # A pytree of float32 [batch, ...] arrays: the state one layer carries over time.
+DEFAULT_HEADS = 4  # For the cells with heads (mlstm, attention), where it divides the width.
+
+
+def resolve_heads(heads: int, features: int) -> int:
+    """The head count a cell uses: `heads`, or for 0 `DEFAULT_HEADS` where it divides
+    `features` and one head otherwise. An explicit count that does not divide `features` is
+    refused by the settings check (`Cell.refuse`) before a cell is built."""
+    if heads:
+        return heads
+    return DEFAULT_HEADS if features % DEFAULT_HEADS == 0 else 1
+
+
+def refuse_heads_that_do_not_divide(flag: str, heads: int, hidden: int) -> None:
+    """One line where `--{flag}` asks for a head count that does not divide `--hidden`."""
+    if heads and hidden % heads:
+        raise UsageError(
+            f"--{flag}={heads} must divide --hidden={hidden} (each head is hidden / heads "
+            "wide); pick a divisor of --hidden, or 0 for the default."
+        )
 
 
 class Cell(nn.Module):
@@ -35,9 +56,12 @@ class Cell(nn.Module):
     - `flops_per_step(input_dim) -> int`: the forward FLOPs of one time step for one sequence,
       from the cell's matmuls (a multiply-add counts 2); `lstm_jax.bench` sums it over the
       layers for the model's FLOPs per character. Call it on an unbound cell, like
-      `init_carry`, so decorate it with `nn.nowrap` too.
+      `init_carry`, so decorate it with `nn.nowrap` too. A cell whose state is more than a
+      vector (mlstm's matrix memory, attention's cache) counts the FLOPs of that state too,
+      and says how many of them no weight makes in `state_flops_per_step()` (the memory
+      estimate counts parameters as the rest over 2).
 
-    Four class-level hooks, all optional:
+    Six class-level hooks, all optional:
 
     - `recurrent_kernels`: paths (`"name/kernel"`) of the hidden-to-hidden kernels among the
       cell's parameters, which `--weight_drop` drops (DropConnect). Empty: the cell has none
@@ -48,6 +72,10 @@ class Cell(nn.Module):
       `--remat`, `--unroll` and `--scan=wavefront` need one that steps, and refuse it.
     - `options(model_config) -> dict`: the cell's own fields from the model settings (the
       Mogrifier's rounds and rank); the model passes them when it builds the cell.
+    - `settings`: the `ModelConfig` fields that only this cell reads (`mlstm_heads`, ...); any
+      of them away from its default is refused in one line for every other `--cell`.
+    - `refuse(config)`: raise `UsageError` for values of its settings that cannot be built (a
+      head count that does not divide `--hidden`).
 
     `__call__` is not declared here, so that a subclass can take it from a Flax cell by
     multiple inheritance (`class LSTM(Cell, nn.OptimizedLSTMCell)`).
@@ -56,11 +84,22 @@ class Cell(nn.Module):
     recurrent_kernels: ClassVar[tuple[str, ...]] = ()
     hoists_input: ClassVar[bool] = False
     steps_in_scan: ClassVar[bool] = True  # False: `scan` computes all time steps at once.
+    settings: ClassVar[tuple[str, ...]] = ()  # ModelConfig fields only this cell reads.
 
     @classmethod
     def options(cls, config: Any) -> dict[str, Any]:
         """The cell's own fields, from a `ModelConfig`; most cells have none."""
         return {}
+
+    @classmethod
+    def refuse(cls, config: Any) -> None:
+        """Raise `UsageError` for a `ModelConfig` this cell cannot be built from; most take any."""
+
+    @nn.nowrap
+    def state_flops_per_step(self) -> int:
+        """The FLOPs of `flops_per_step` that no weight makes (a matrix memory, an attention
+        cache); 0 for a cell whose state is a vector."""
+        return 0
 
     @nn.nowrap
     def init_carry(self, batch_size: int) -> Carry:
