@@ -879,6 +879,14 @@ MUTATIONS: tuple[Mutation, ...] = (
         (f"{POP}::test_readers_pick_a_member_by_index_or_settings_and_default_to_the_best",),
         "sample/evaluate/export/load default to the worst member by validation",
     ),
+    Mutation(
+        "python_api_speaks_in_flags",
+        "errors.py",
+        "    if _FROM_PYTHON.get():",
+        "    if False:",
+        (f"{WORKFLOWS}::test_the_python_api_raises_value_errors_in_pythons_words",),
+        "lstm_jax.load/generate/score/export_model name their arguments as flags (--length)",
+    ),
 )
 
 
