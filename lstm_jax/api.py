@@ -10,6 +10,10 @@ The model comes from the checkpoint alone (its settings, vocabulary and paramete
 sampler is `lstm_jax.generate`, the scoring `lstm_jax.evaluate` with `steps.eval_step`, as in
 training. `restore` (`reader.restore_model`) is what the `sample` and `export` commands
 load a checkpoint with.
+
+Bad arguments raise `ValueError`s (`lstm_jax.errors.UserError`), which name them as Python
+spells them (`length must be > 0, got 0.`): the checks are the commands' own, run under
+`errors.python_arguments`.
 """
 
 from __future__ import annotations
@@ -26,11 +30,12 @@ import numpy as np
 from lstm_jax import evaluate, steps
 from lstm_jax.config import ModelConfig, SampleConfig
 from lstm_jax.data import Vocab
-from lstm_jax.errors import UserError
+from lstm_jax.errors import UserError, python_arguments
 from lstm_jax.generate import sample_text, stream_text
 from lstm_jax.models import CharLSTM
 from lstm_jax.reader import restore_model as restore  # What sample and export load with.
 from lstm_jax.sample import SampleOptions, check_sampling_args
+from lstm_jax.settings import check_choices
 
 SCORE_CHUNK = 256  # Characters per evaluation step when scoring (one compile for any length).
 
@@ -77,14 +82,17 @@ class TrainedModel:
         occurrence of `stop` in it, `stop` included. Prompt characters outside the vocabulary:
         a `UserError`, or dropped with unknown="skip"."""
         shape = SampleConfig(prompt=prompt, length=length, temperature=temperature)
-        drawn = SampleOptions(seed=seed, top_k=top_k, top_p=top_p, stop=stop, sample=shape)
-        check_sampling_args(drawn, self.vocab.size)  # As the sample command checks its flags.
+        drawn = SampleOptions(
+            seed=seed, top_k=top_k, top_p=top_p, stop=stop, unknown=unknown, sample=shape
+        )
         options = dict(length=length, temperature=temperature, top_k=top_k, top_p=top_p)
         options |= dict(seed=seed, unknown=unknown, stop=stop)
-        if stop:  # In chunks, so that generation ends soon after the stop string.
-            pieces = stream_text(self.model, self.params, self.vocab, prompt, **options)
-            return "".join(piece for (piece,) in pieces)
-        (text,) = sample_text(self.model, self.params, self.vocab, prompt, **options)
+        with python_arguments():  # As the sample command checks its flags, in Python's words.
+            check_sampling_args(drawn, self.vocab.size)
+            if stop:  # In chunks, so that generation ends soon after the stop string.
+                pieces = stream_text(self.model, self.params, self.vocab, prompt, **options)
+                return "".join(piece for (piece,) in pieces)
+            (text,) = sample_text(self.model, self.params, self.vocab, prompt, **options)
         return text
 
     def score(self, text: str, *, unknown: str = "error") -> float:
@@ -92,6 +100,8 @@ class TrainedModel:
         every character after the first, read as one stream from the zero state (the state
         carried through the whole text). Characters outside the vocabulary: a `UserError`
         naming them, or dropped with unknown="skip"."""
+        with python_arguments():
+            check_choices(evaluate.EvaluateOptions(unknown=unknown))  # As evaluate checks it.
         missing = self.vocab.unknown(text)
         if missing and unknown != "skip":
             shown = ", ".join(repr(c) for c in missing)
@@ -122,5 +132,6 @@ def load(
     """The model of a training run's checkpoint ('best', 'latest' or a step number), from the
     checkpoint alone; see `TrainedModel`. In a population's workdir, `member` picks the member
     (an index, or settings such as "learning_rate=0.004,seed=1"); by default the best by
-    validation."""
-    return TrainedModel(*restore(workdir, checkpoint, member))
+    validation. A `UserError` (a `ValueError`) says what is wrong, naming the arguments."""
+    with python_arguments():
+        return TrainedModel(*restore(workdir, checkpoint, member))

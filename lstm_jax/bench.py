@@ -96,9 +96,15 @@ class BenchOptions:
     json_path: str = setting("bench.json", "Where to write every number, as JSON.", flag="json")
 
 
+def matmul_side(options: BenchOptions, platform: str) -> int:
+    """The side of the timed matmul: --matmul_size, or the platform's default."""
+    return options.matmul_size or (2048 if platform == "cpu" else 8192)
+
+
 def validate(config: Config, options: BenchOptions, local_device_count: int) -> None:
     """Raise `UsageError` naming the first impossible setting; before any compile or import.
-    Sizes whose rough memory estimate exceeds the machine's RAM are refused (`lstm_jax.memory`)."""
+    Every size that allocates (the model and batch of the training step, the matmul, the
+    generation length, the population) goes through `lstm_jax.memory`'s estimate first."""
     config.validate()
     check_ranges(options)
     count, batch = local_device_count, config.data.global_batch
@@ -110,7 +116,12 @@ def validate(config: Config, options: BenchOptions, local_device_count: int) -> 
             f"--global_batch={batch} does not divide over {num_devices} devices; use a multiple "
             f"of {num_devices} or set --devices."
         )
-    memory.refuse_sizes_beyond_memory(config, options.vocab_size)
+    platform = jax.local_devices()[0].platform
+    memory.refuse_beyond_memory([
+        memory.training_need(config, options.vocab_size),
+        memory.matmul_need(matmul_side(options, platform), num_devices, config.compute.dtype),
+        memory.generation_need(max(GENERATE_BATCHES), options.generate_length),
+    ])  # fmt: skip
     bench_population.validate(config, options, num_devices)
     ours = {f.name: value for f, value in leaf_settings(config)}
     differ = [f"--{k}={ours[k]} (peer: {v})" for k, v in PEER_SETTINGS.items() if ours[k] != v]
@@ -262,7 +273,7 @@ def run_benchmark(
     validate(config, options, len(local))
     devices = local[: options.devices or len(local)]
     platform, dtype = devices[0].platform, config.compute.dtype
-    matmul_size = options.matmul_size or (2048 if platform == "cpu" else 8192)
+    matmul_size = matmul_side(options, platform)
     measured = measure_training(config, options, devices, peer=peer, log=log)
     train, peer_numbers, model, params = measured
     log(f"Timing a {matmul_size}x{matmul_size} {dtype} matmul for the peak FLOP/s...")

@@ -37,7 +37,7 @@ from absl import logging
 from etils import epath
 from orbax.checkpoint import checkpoint_managers as policies
 
-from lstm_jax.errors import UserError, reason
+from lstm_jax.errors import UserError, argument, reason
 
 ITEMS = ("state", "carry", "meta")
 META_KEYS = ("vocab", "settings")  # What every reader of a checkpoint's metadata needs.
@@ -161,8 +161,8 @@ class Checkpoints:
         if which.isdigit() and int(which) in steps:
             return int(which)
         raise UserError(
-            f"--checkpoint={which} is not in {self.directory}; use latest, best or one of "
-            f"the saved steps {steps}."
+            f"{argument('checkpoint', which)} is not in {self.directory}; use latest, best or "
+            f"one of the saved steps {steps}."
         )
 
     def incomplete(self) -> list[epath.Path]:
@@ -350,7 +350,7 @@ class UnreadableCheckpoint(UserError):
     def __init__(self, checkpoints: Checkpoints, step: int, why: str):
         super().__init__(
             f"Checkpoint {checkpoints.directory}/{step} is unreadable ({why}); pick another with "
-            f"--checkpoint (saved steps: {checkpoints.steps()})."
+            f"{argument('checkpoint')} (saved steps: {checkpoints.steps()})."
         )
 
 

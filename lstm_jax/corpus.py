@@ -80,6 +80,8 @@ def download(url: str, cache_dir: str | os.PathLike, *, timeout: float = 60.0) -
             )
         os.replace(tmp_name, target)
         return target
+    except UserError:  # Said above (a UserError is a ValueError too: not a failed download).
+        raise
     except (urllib.error.URLError, OSError, ValueError, http.client.HTTPException) as e:
         # HTTPException: e.g. IncompleteRead when a chunked reply breaks off mid-body.
         if isinstance(e, urllib.error.HTTPError):

@@ -1,13 +1,26 @@
-"""Errors a user can fix. The command line prints them as one line, without a traceback."""
+"""Errors a user can fix, and how they name what the user passed. The command line prints them
+as one line, without a traceback; from Python (`lstm_jax.load`, `lstm_jax.export.export_model`)
+they are `ValueError`s.
+
+A message names a setting with `argument("length")`: `--length` on the command line, `length`
+inside `python_arguments()` (what the Python API runs under), so one check serves both.
+"""
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import errno
 import os
 import re
+from collections.abc import Iterator
+from typing import Any
+
+_FROM_PYTHON = contextvars.ContextVar("lstm_jax_from_python", default=False)
+_NO_VALUE = object()
 
 
-class UserError(Exception):
+class UserError(ValueError):
     """Bad input (a file, a prompt, a workdir): exit code 1, message says what to do."""
 
     exit_code = 1
@@ -17,6 +30,26 @@ class UsageError(UserError):
     """Impossible flags: exit code 2, like absl's own flag errors."""
 
     exit_code = 2
+
+
+@contextlib.contextmanager
+def python_arguments() -> Iterator[None]:
+    """Within the block, `argument` spells settings as Python arguments (`length=0`), not flags."""
+    token = _FROM_PYTHON.set(True)
+    try:
+        yield
+    finally:
+        _FROM_PYTHON.reset(token)
+
+
+def argument(name: str, value: Any = _NO_VALUE, *, flag: str | None = None) -> str:
+    """A setting as the user passed it: `--flag` / `--flag=value` on the command line (`flag`:
+    the flag's name where it differs from the field's; a boolean flag set is `--flag`), `name`
+    / `name=value!r` from Python."""
+    if _FROM_PYTHON.get():
+        return name if value is _NO_VALUE else f"{name}={value!r}"
+    shown = f"--{flag or name}"
+    return shown if value is _NO_VALUE or value is True else f"{shown}={value}"
 
 
 def reason(error: BaseException) -> str:

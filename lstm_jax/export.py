@@ -10,6 +10,8 @@ writes into --out, readable without Orbax or JAX:
                        `models.model_from_settings(config, config["vocab_size"])` rebuilds it
     vocab.json         the vocabulary as one JSON string; a character's id is its index
 
+From Python, `export_model(workdir, out)` does the same and returns what it wrote.
+
 Needs the `safetensors` package: pip install -e '.[export]'.
 """
 
@@ -17,15 +19,16 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
 from lstm_jax import cli
 from lstm_jax.config import setting
-from lstm_jax.errors import UsageError, UserError
+from lstm_jax.errors import UsageError, UserError, argument, python_arguments
 from lstm_jax.reader import MEMBER_HELP
 
 FILES = ("model.safetensors", "config.json", "vocab.json")
@@ -58,14 +61,17 @@ def check_out(out: str, overwrite: bool) -> Path:
     """The output folder, refused when not given, not a folder, or not empty (without
     --overwrite). Nothing is created here."""
     if not out:
-        raise UsageError("--out is required: the folder to write the exported model to.")
+        raise UsageError(f"{argument('out')} is required: the folder to write the model to.")
     if "://" in out:
-        raise UsageError(f"--out={out}: export writes to a local folder only.")
+        raise UsageError(f"{argument('out', out)}: export writes to a local folder only.")
     path = Path(out).expanduser()
     if path.exists() and not path.is_dir():
-        raise UserError(f"--out={path} is a file, not a folder.")
+        raise UserError(f"{argument('out', str(path))} is a file, not a folder.")
     if path.is_dir() and any(path.iterdir()) and not overwrite:
-        raise UserError(f"--out={path} is not empty; choose a new folder or pass --overwrite.")
+        raise UserError(
+            f"{argument('out', str(path))} is not empty; choose a new folder or pass "
+            f"{argument('overwrite', True)}."
+        )
     return path
 
 
@@ -91,23 +97,53 @@ def write_export(out: Path, params: Any, vocab_chars: str, settings: dict, metad
     (out / "vocab.json").write_text(json.dumps(vocab_chars) + "\n")
 
 
+class Exported(NamedTuple):
+    """What an export wrote: the folder (holding `FILES`), the checkpoint's step, parameters."""
+
+    folder: Path
+    step: int
+    parameters: int
+
+
+def export(options: ExportOptions) -> Exported:
+    """The export of `options` (the command's); a `UserError` before anything is written."""
+    safetensors_numpy()  # Before loading anything, so a missing package is said first.
+    out = check_out(options.out, options.overwrite)
+    from lstm_jax.api import restore
+
+    model, params, vocab, step, meta = restore(options.workdir, options.checkpoint, options.member)
+    provenance = {"format": "lstm_jax", "workdir": options.workdir, "step": step}
+    provenance["val_bpc"] = meta.get("val_bpc", float("nan"))
+    if "member" in meta:  # One member of a population: which, and its seed and settings.
+        provenance |= {k: meta[k] for k in ("member", "seed", "member_settings")}
+    write_export(out, params, vocab.chars, dataclasses.asdict(model.config), provenance)
+    count = sum(int(np.size(x)) for x in flat_params(params).values())
+    return Exported(out, step, count)
+
+
+def export_model(
+    workdir: str | os.PathLike,
+    out: str | os.PathLike,
+    *,
+    checkpoint: str | int = "best",
+    member: str | int = "",
+    overwrite: bool = False,
+) -> Exported:
+    """Export a checkpoint's model ('best', 'latest' or a step number; `member` as for
+    `lstm_jax.load`) into the folder `out`, as the command does. Bad arguments raise a
+    `UserError` (a `ValueError`) naming them as Python spells them (`out=...`)."""
+    options = ExportOptions(
+        workdir=os.fspath(workdir), checkpoint=str(checkpoint), member=str(member),
+        out=os.fspath(out), overwrite=overwrite,
+    )  # fmt: skip
+    with python_arguments():
+        return export(options)
+
+
 def main(argv: list[str]) -> None:
     with cli.user_errors():
         cli.refuse_positional_arguments(argv)
-        options = cli.read_flags(ExportOptions)
-        safetensors_numpy()  # Before loading anything, so a missing package is said first.
-        out = check_out(options.out, options.overwrite)
-        from lstm_jax.api import restore
-
-        model, params, vocab, step, meta = restore(
-            options.workdir, options.checkpoint, options.member
-        )
-        provenance = {"format": "lstm_jax", "workdir": options.workdir, "step": step}
-        provenance["val_bpc"] = meta.get("val_bpc", float("nan"))
-        if "member" in meta:  # One member of a population: which, and its seed and settings.
-            provenance |= {k: meta[k] for k in ("member", "seed", "member_settings")}
-        write_export(out, params, vocab.chars, dataclasses.asdict(model.config), provenance)
-        count = sum(int(np.size(x)) for x in flat_params(params).values())
+        out, step, count = export(cli.read_flags(ExportOptions))
         print(
             f"Wrote {', '.join(FILES)} to {out} (step {step}, {count:,} parameters).",
             file=sys.stderr,

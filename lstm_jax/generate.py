@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from lstm_jax.data import Vocab
-from lstm_jax.errors import UserError
+from lstm_jax.errors import UserError, argument
 from lstm_jax.models import CharLSTM
 
 # Characters per row per jitted call when streaming. A call costs about 1.2 ms beyond its
@@ -153,7 +153,7 @@ def encode_prompt(vocab: Vocab, prompt: str, unknown: str = "error") -> np.ndarr
         shown = ", ".join(repr(c) for c in missing)
         raise UserError(
             f"The prompt has characters the model never saw: {shown}; change the prompt or "
-            'pass --unknown=skip (unknown="skip" from Python) to drop them.'
+            f"pass {argument('unknown', 'skip')} to drop them."
         )
     prompt = "".join(c for c in prompt if c not in missing)
     if not prompt:

@@ -16,9 +16,9 @@ import sys
 
 from lstm_jax import cli
 from lstm_jax.config import SampleConfig, section, setting
-from lstm_jax.errors import UsageError
+from lstm_jax.errors import UsageError, argument
 from lstm_jax.reader import MEMBER_HELP, member_note
-from lstm_jax.settings import NON_NEGATIVE, POSITIVE, SEED, Range, check_ranges
+from lstm_jax.settings import NON_NEGATIVE, POSITIVE, SEED, Range, check_choices, check_ranges
 
 
 @dataclasses.dataclass(frozen=True)
@@ -57,12 +57,13 @@ class SampleOptions:
 
 
 def check_sampling_args(options: SampleOptions, vocab_size: int) -> None:
-    """Raise `UsageError` naming the first impossible sampling setting: one outside its range,
-    or a --top_k above the vocabulary's size."""
+    """Raise `UsageError` naming the first impossible sampling setting: one outside its range
+    or its choices, or a top_k above the vocabulary's size."""
+    check_choices(options)  # The command line's are checked by absl; Python's are not.
     check_ranges(options)
     if options.top_k > vocab_size:
         raise UsageError(
-            f"--top_k must be 0 (off) or in [1, {vocab_size}] (the vocabulary), got "
+            f"{argument('top_k')} must be 0 (off) or in [1, {vocab_size}] (the vocabulary), got "
             f"{options.top_k}."
         )
 

@@ -14,7 +14,7 @@ import math
 import typing
 from typing import Any
 
-from lstm_jax.errors import UsageError
+from lstm_jax.errors import UsageError, argument
 
 
 @dataclasses.dataclass(frozen=True)
@@ -95,13 +95,18 @@ def flag_name(field: dataclasses.Field) -> str:
     return field.metadata.get("flag") or field.name
 
 
+def _named(field: dataclasses.Field) -> str:
+    """The setting as the user gave it: its flag, or from Python its argument (`argument`)."""
+    return argument(field.name, flag=flag_name(field))
+
+
 def check_choices(settings: Any) -> None:
     """Raise `UsageError` naming the first setting that is not one of its declared choices."""
     for f, value in leaf_settings(settings):
         choices = f.metadata.get("choices")
         if choices and value not in choices:
             wanted = ", ".join(choices)
-            raise UsageError(f"--{flag_name(f)} must be one of {wanted}, got {value!r}.")
+            raise UsageError(f"{_named(f)} must be one of {wanted}, got {value!r}.")
 
 
 def check_ranges(settings: Any) -> None:
@@ -114,7 +119,7 @@ def check_ranges(settings: Any) -> None:
         finite = isinstance(value, int) or math.isfinite(value)
         kind = "" if finite else "a number " if within.allow_inf else "a finite number "
         wanted = f"{kind}{within}".strip()
-        raise UsageError(f"--{flag_name(f)} must be {wanted}, got {value}.")
+        raise UsageError(f"{_named(f)} must be {wanted}, got {value}.")
 
 
 # --- Walking the settings --------------------------------------------------------------------

@@ -898,6 +898,23 @@ MUTATIONS: tuple[Mutation, ...] = (
         "attention's mask lets each position see the next character (the one it predicts)",
         k="attention",
     ),
+    Mutation(
+        "python_api_speaks_in_flags",
+        "errors.py",
+        "    if _FROM_PYTHON.get():",
+        "    if False:",
+        (f"{WORKFLOWS}::test_the_python_api_raises_value_errors_in_pythons_words",),
+        "lstm_jax.load/generate/score/export_model name their arguments as flags (--length)",
+    ),
+    Mutation(
+        "bench_matmul_not_estimated",
+        "bench.py",
+        "        memory.matmul_need(matmul_side(options, platform), num_devices, config.compute.dtype),\n",
+        "",
+        (HOSTILE,),
+        "bench --matmul_size=100000 runs the training step, then dies of an out-of-memory traceback",
+        k="bench and matmul",
+    ),
 )
 
 

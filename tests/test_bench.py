@@ -261,6 +261,26 @@ def test_memory_estimate_counts_the_parameters_of_every_cell(cell):
     memory.refuse_sizes_beyond_memory(bench.BenchConfig(), 96)  # No error.
 
 
+@pytest.mark.parametrize("batch, length", [(1, 100_000), (8, 200_000), (64, 100_000)])
+def test_generation_and_matmul_estimates_are_xlas_memory_plans(batch, length):
+    """What bench's matmul and generation allocate, by XLA's own plan of the compiled programs
+    (arguments, outputs and scratch), is what `lstm_jax.memory` estimates before compiling."""
+    from lstm_jax.generate import generate
+
+    model = build_model(bench.BenchConfig.create(hidden=16, num_layers=1, embed_dim=8), 96)
+    params = init_params(model, jax.random.key(0))
+    prompt = jnp.zeros((batch, 1), jnp.int32)
+    compiled = generate.lower(model, params, prompt, jax.random.key(0), 1.0, length=length)
+    plan = compiled.compile().memory_analysis()
+    planned = plan.temp_size_in_bytes + plan.output_size_in_bytes
+    assert memory.generation_need(batch, length).size == pytest.approx(planned, rel=0.02)
+    side = 64 * batch
+    matmul = jax.jit(jnp.matmul).lower(*[jax.ShapeDtypeStruct((1, side, side), jnp.float32)] * 2)
+    plan = matmul.compile().memory_analysis()
+    planned = plan.argument_size_in_bytes + plan.output_size_in_bytes + plan.temp_size_in_bytes
+    assert memory.matmul_need(side, 1, "float32").size == planned
+
+
 def test_json_in_a_folder_that_cannot_be_written_is_a_user_error(tmp_path, monkeypatch):
     def refuse(**options):  # What a read-only folder does (the tests may run as root).
         raise PermissionError(13, "Permission denied")

@@ -146,6 +146,16 @@ ROWS = [
      "--dynamic_lr"),
     ("numbers", "bench hidden 0", B, ["--hidden=0"], 2, "--hidden"),
     ("numbers", "bench sizes beyond memory", B, ["--hidden=1000000"], 2, "memory"),
+    # Each size bench allocates, estimated before compiling (was: the matmul's out-of-memory
+    # traceback after the training step had compiled and run).
+    ("numbers", "bench matmul beyond memory", B, ["--hidden=16", "--num_layers=1",
+     "--matmul_size=100000"], 2, "Lower --matmul_size."),
+    ("numbers", "bench batch x seq_len beyond memory", B, ["--global_batch=100000",
+     "--seq_len=100000"], 2, "Lower --global_batch or --seq_len."),
+    ("numbers", "bench generate_length beyond memory", B, ["--generate_length=100000000000"], 2,
+     "Lower --generate_length."),
+    ("numbers", "bench population beyond memory", B, ["--population=4096", "--hidden=4096"], 2,
+     "A population of 4096 members"),
     # Flags a command does not read, and stray words.
     ("flags", "main given a sampling flag", M, ["--top_k=5"], 1, "flag 'top_k'"),
     ("flags", "sample given a model flag", S, ["--hidden=512"], 1, "flag 'hidden'"),

@@ -119,6 +119,76 @@ def test_score_is_the_bits_per_character_of_one_direct_pass(workdir, small_text)
         model.score("T")
 
 
+def _a_file(folder: Path) -> Path:
+    (folder / "a_file").write_text("not a folder")
+    return folder / "a_file"
+
+
+# Each call with one bad argument, the ValueError's class and the words its message must hold:
+# the argument as Python spells it (`length`, `checkpoint='12345'`), never a `--flag`.
+API_REFUSALS = [
+    ("generate length=0", lambda m, w, t: m.generate("The", length=0), "length must be > 0"),
+    ("generate temperature=-1", lambda m, w, t: m.generate("The", temperature=-1.0),
+     "temperature must be >= 0"),
+    ("generate top_k beyond vocabulary", lambda m, w, t: m.generate("The", top_k=1000),
+     "top_k must be 0 (off) or in [1,"),
+    ("generate top_p=0", lambda m, w, t: m.generate("The", top_p=0.0), "top_p must be in (0, 1]"),
+    ("generate seed=-1", lambda m, w, t: m.generate("The", seed=-1), "seed must be in [0,"),
+    ("generate unknown='bogus'", lambda m, w, t: m.generate("The", unknown="bogus"),
+     "unknown must be one of error, skip, got 'bogus'"),
+    ("generate unseen prompt", lambda m, w, t: m.generate("Zoë"), "unknown='skip'"),
+    ("score unknown='x'", lambda m, w, t: m.score("The night", unknown="x"),
+     "unknown must be one of error, skip"),
+    ("score one character", lambda m, w, t: m.score("T"), "2 characters"),
+    ("load checkpoint='12345'", lambda m, w, t: lstm_jax.load(w, checkpoint="12345"),
+     "checkpoint='12345' is not in"),
+    ("load member=3 of a single run", lambda m, w, t: lstm_jax.load(w, member=3),
+     "not a population"),
+    ("load an empty folder", lambda m, w, t: lstm_jax.load(t), "No checkpoint"),
+    ("export_model out=''", lambda m, w, t: export.export_model(w, ""), "out is required"),
+    ("export_model into a file", lambda m, w, t: export.export_model(w, _a_file(t)),
+     "is a file, not a folder"),
+    ("export_model into a non-empty folder", lambda m, w, t: export.export_model(w, w),
+     "pass overwrite=True"),
+    ("export_model checkpoint=999", lambda m, w, t: export.export_model(w, t / "o", checkpoint=999),
+     "checkpoint='999' is not in"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("call, phrase", [row[1:] for row in API_REFUSALS],
+                         ids=[row[0] for row in API_REFUSALS])  # fmt: skip
+def test_the_python_api_raises_value_errors_in_pythons_words(workdir, tmp_path, call, phrase):
+    model = lstm_jax.load(workdir)
+    with pytest.raises(ValueError) as raised:
+        call(model, workdir, tmp_path)
+    message = str(raised.value)
+    assert isinstance(raised.value, UserError), type(raised.value)
+    # No flag, only the training command an empty folder needs, which is a command's advice.
+    advice = message.replace("python -m lstm_jax.main --workdir=...", "")
+    assert phrase in message and "--" not in advice, message
+    assert not (tmp_path / "o").exists()
+    assert Checkpoints(workdir, read_only=True).steps() == [STEPS]
+
+
+def test_export_model_from_python_writes_what_the_command_writes(workdir, tmp_path):
+    wrote = export.export_model(workdir, tmp_path / "python")
+    count = sum(int(np.size(x)) for x in jax.tree.leaves(lstm_jax.load(workdir).params))
+    assert wrote == (tmp_path / "python", STEPS, count)
+    result = _run("lstm_jax.export", f"--workdir={workdir}", f"--out={tmp_path / 'command'}")
+    assert result.returncode == 0, result.stderr[-2000:]
+    python, command = tmp_path / "python", tmp_path / "command"
+    for name in ("config.json", "vocab.json"):
+        assert (python / name).read_bytes() == (command / name).read_bytes(), name
+    from safetensors import safe_open  # Its header's order varies from file to file.
+
+    def tensors(folder: Path) -> tuple[dict, dict]:
+        with safe_open(folder / "model.safetensors", "numpy") as f:
+            return {k: f.get_tensor(k).tolist() for k in f.keys()}, f.metadata()  # noqa: SIM118
+
+    assert tensors(python) == tensors(command)
+    assert f"{wrote.parameters:,} parameters" in result.stderr
+
+
 def test_readme_from_python_example_runs(workdir, capsys):
     section = README.read_text().split("## From Python", 1)[1]
     source = re.search(r"```python\n(.*?)```", section, re.DOTALL).group(1)
