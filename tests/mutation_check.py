@@ -909,10 +909,12 @@ MUTATIONS: tuple[Mutation, ...] = (
     Mutation(
         "bench_matmul_not_estimated",
         "bench.py",
-        "        memory.matmul_need(matmul_side(options, platform), num_devices, config.compute.dtype),\n",
+        "        memory.matmul_need(matmul_side(options, platform), num_devices, "
+        "config.compute.dtype),\n",
         "",
         (HOSTILE,),
-        "bench --matmul_size=100000 runs the training step, then dies of an out-of-memory traceback",
+        "bench --matmul_size=100000 runs the training step, then dies of an out-of-memory "
+        "traceback",
         k="bench and matmul",
     ),
 )
