@@ -44,6 +44,8 @@ DEFAULT_MODEL = {
     "cell": "lstm", "residual": False, "layer_norm": False, "tie_embeddings": False,
     "mogrifier_rounds": 5, "mogrifier_rank": 0,
     "block": "plain", "mlp_ratio": 0.0, "rglru_conv_width": 4,  # Issue 27, items 4 and 2.
+    "mlstm_heads": 0, "mlstm_chunk": 0, "mlstm_forget": "sigmoid",  # Issue 27, item 1.
+    "attention_window": 0, "attention_heads": 0,  # Issue 27, item 3.
 }  # fmt: skip
 HAS_TORCH = importlib.util.find_spec("torch") is not None
 
