@@ -1,9 +1,7 @@
 """The continuous cache (`lstm_jax.cache`, run by `lstm_jax.scoring`): causal, the model's scores
-with lambda 0, its formula written out in numpy, and `evaluate --cache` on the command line."""
+with lambda 0, and its formula written out in numpy."""
 
 from __future__ import annotations
-
-import re
 
 import jax
 import jax.numpy as jnp
@@ -11,7 +9,6 @@ import numpy as np
 import pytest
 from builders import make_model
 from references import stream_loss
-from subprocesses import run_module
 
 from lstm_jax import cache as cache_lib
 from lstm_jax.cache import CacheConfig
@@ -167,38 +164,3 @@ def test_the_pass_pairs_each_hidden_state_with_the_next_character(tiny):
     got = _losses(model, params, ids, cache=_cache(window, theta, lam), chunk=8)
     np.testing.assert_allclose(got, want, rtol=2e-5)
     assert np.mean(got) < np.mean(-np.log(p_model[np.arange(len(targets)), targets]))
-
-
-# --- The command line ----------------------------------------------------------------------------
-
-TRAIN = ["--embed_dim=8", "--hidden=16", "--num_layers=1", "--seq_len=16", "--global_batch=8",
-         "--num_steps=4", "--log_every=2", "--eval_every=2", "--checkpoint_every=2",
-         "--length=10"]  # fmt: skip
-
-
-@pytest.fixture(scope="module")
-def workdir(tmp_path_factory, small_text):
-    folder = tmp_path_factory.mktemp("cache")
-    text = folder / "text.txt"
-    text.write_text(small_text)
-    result = run_module("lstm_jax.main", *TRAIN, f"--data_path={text}", f"--workdir={folder}/run")
-    assert result.returncode == 0, result.stderr[-3000:]
-    return folder / "run"
-
-
-BPC = r"(\S+) bpc \(\S+ nats/char, [\d,]+ predicted characters: all but the first\)"
-
-
-def test_evaluate_with_the_cache_prints_a_bpc(workdir):
-    def bpc(*flags) -> float:
-        result = run_module("lstm_jax.evaluate", f"--workdir={workdir}", "--split=val", *flags)
-        assert result.returncode == 0, result.stderr[-3000:]
-        found = re.fullmatch(f"val.*: {BPC}", result.stdout.strip().splitlines()[-1])
-        assert found, result.stdout
-        return float(found.group(1))
-
-    plain = bpc()
-    assert bpc("--cache", "--cache_lambda=0") == pytest.approx(plain, abs=2e-4)
-    cached = bpc("--cache", "--cache_window=500", "--cache_theta=0.1", "--streams=2")
-    assert np.isfinite(cached) and cached != plain
-    assert np.isfinite(bpc("--cache", "--dynamic", "--dynamic_stat_batches=2"))
