@@ -11,7 +11,6 @@ from __future__ import annotations
 import math
 
 import jax
-import jax.numpy as jnp
 
 
 def combine(member_log_probs: jax.Array) -> jax.Array:

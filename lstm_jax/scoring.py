@@ -84,9 +84,7 @@ def position_losses(
     run = _pass(models, window, adapt is not None)
     params0 = tuple(m.params for m in members)
     hidden = members[0].model.config.hidden
-    caches = jax.vmap(lambda _: cache_lib.empty(max(window, 1), hidden))(
-        jnp.arange(num_streams)
-    )
+    caches = jax.vmap(lambda _: cache_lib.empty(max(window, 1), hidden))(jnp.arange(num_streams))
     hyper = {
         "theta": cache.cache_theta if use_cache else 0.0,
         "lam": cache.cache_lambda if use_cache else 0.0,

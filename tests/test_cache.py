@@ -128,7 +128,8 @@ def test_the_cache_is_its_formula_on_a_hand_made_example():
     state = cache_lib.empty(window, 2)
     got, got_has = [], []
     for part in (slice(0, 4), slice(4, 7)):
-        h, y, w = jnp.asarray(hidden[part]), jnp.asarray(targets[part]), jnp.ones(len(targets[part]))
+        h, y = jnp.asarray(hidden[part]), jnp.asarray(targets[part])
+        w = jnp.ones(len(targets[part]))
         log_p, has = cache_lib.cache_log_probs(state, h, y, w, theta, 3)
         got.append(np.exp(np.asarray(log_p)))
         got_has.append(np.asarray(has))
