@@ -56,11 +56,14 @@ class CharLSTM(nn.Module):
         *,
         deterministic: bool = True,
         keep: dict[str, jax.Array] | None = None,
-    ) -> tuple[Carry, jax.Array]:
+        return_hidden: bool = False,
+    ) -> tuple[Carry, jax.Array] | tuple[Carry, jax.Array, jax.Array]:
         """tokens int [batch, time] -> (new carry, logits float32 [batch, time, vocab]).
 
         keep: a population member's keep probabilities (1 - rate) of the dropouts, traced; None:
         the `regularization` constants. Which dropouts act is still `regularization`'s choice.
+        return_hidden: also return the last layer's output, the output layer's input, float32
+        [batch, time, hidden] (what `lstm_jax.cache` keys on), as a third item.
         """
         config, reg = self.config, self.regularization
         kept = functools.partial(_keep_probability, reg, keep)
@@ -105,6 +108,8 @@ class CharLSTM(nn.Module):
             logits = embed.attend(x) + bias
         else:
             logits = nn.Dense(self.vocab_size, dtype=dtype, name="logits")(x)
+        if return_hidden:
+            return tuple(new_carry), logits.astype(jnp.float32), x.astype(jnp.float32)
         return tuple(new_carry), logits.astype(jnp.float32)
 
     def _layered(
