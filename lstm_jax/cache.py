@@ -16,7 +16,8 @@ the model's, to the bit.
 
 This module owns the cache of one stream over one chunk at a time (`cache_log_probs`,
 `advance`) and the mixture (`mix_target`, `mix_distribution`); `lstm_jax.scoring` runs them
-over the text, with dynamic evaluation and ensembles.
+over the text, with dynamic evaluation and ensembles. `CacheConfig` declares the settings, which
+no command reads yet: attaching them to `evaluate` is still to do (issue 25).
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ WINDOW = Range(1, 100_000)  # Positions; the cache of a 512-wide model at 100,00
 
 @dataclasses.dataclass(frozen=True)
 class CacheConfig:
-    """continuous cache (--cache): the prediction mixed with what followed similar states"""
+    """continuous cache: the prediction mixed with what followed similar states"""
 
     cache: bool = setting(
         False, "Mix each prediction with a continuous cache over the hidden states of the "
@@ -46,7 +47,7 @@ class CacheConfig:
     )
     cache_theta: float = setting(
         0.4, "The cache's inverse temperature on the dot products of hidden states; tune it "
-        "on validation (experiments/cache_sweep.py).", within=NON_NEGATIVE,
+        "on validation.", within=NON_NEGATIVE,
     )  # fmt: skip
     cache_lambda: float = setting(
         0.1, "The cache's weight in the mixture (the model's: 1 - it); 0: the model alone.",

@@ -10,8 +10,9 @@ it: each member's weights step on the chunk's loss after it has been scored, and
 pairs enter the cache after it has been scored. The hyperparameters (theta, lambda, lr, decay)
 are traced, so a sweep compiles once.
 
-This is what `evaluate --cache` and `evaluate --ensemble` run; plain `evaluate` (one model, no
-cache) keeps its own path (`lstm_jax.evaluate.score_ids`, `lstm_jax.dynamic`).
+A library for now: no command calls it yet (`evaluate --cache` and `--ensemble` are still to be
+wired to it, issue 25). Plain `evaluate` keeps its own path (`lstm_jax.evaluate.score_ids`,
+`lstm_jax.dynamic`).
 """
 
 from __future__ import annotations
