@@ -16,8 +16,8 @@ the model's, to the bit.
 
 This module owns the cache of one stream over one chunk at a time (`cache_log_probs`,
 `advance`) and the mixture (`mix_target`, `mix_distribution`); `lstm_jax.scoring` runs them
-over the text, with dynamic evaluation and ensembles. `CacheConfig` declares the settings, which
-no command reads yet: attaching them to `evaluate` is still to do (issue 25).
+over the text, with dynamic evaluation and ensembles. `CacheConfig` declares the settings of
+`python -m lstm_jax.evaluate --cache`.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Ensembles: several models scored as one, the mean of their predicted probabilities (not of
-their log probabilities). Reading members out of workdirs (an `evaluate --ensemble` flag) is not
-built yet; `lstm_jax.scoring` takes the members' models and parameters directly.
+their log probabilities). `python -m lstm_jax.evaluate --ensemble=W1,W2` reads the members out
+of run folders; `lstm_jax.scoring` takes the members' models and parameters directly.
 
     p(c) = (1 / M) sum_m p_m(c),   log p(c) = logsumexp_m log p_m(c) - log M
 

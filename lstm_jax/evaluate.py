@@ -8,7 +8,12 @@ The command reads the whole text as `--streams` contiguous streams (default one:
 once, left to right, the state carried through it) and ends with one line,
 `NAME: X.XXXX bpc (Y.YYYY nats/char, N characters)`. The run's own text (--split) is cut as
 training cut it, from the settings saved with the checkpoint; `--dynamic` adapts the weights
-as they read (`lstm_jax.dynamic`).
+as they read (`lstm_jax.dynamic`); `--cache` mixes each prediction with the continuous cache
+(`lstm_jax.cache`); `--ensemble=W1,W2` scores several runs' models as one, the mean of their
+probabilities (`lstm_jax.ensemble`; a population's folder gives every member). The cache and
+the ensemble go through `lstm_jax.scoring`, one jitted pass that combines them with `--dynamic`:
+
+    python -m lstm_jax.evaluate --ensemble=runs/dracula_20min_seeds3 --cache --dynamic
 
 `evaluate` takes the (mapped) evaluation step as an argument: the training loop passes its
 pmapped step, `score_ids` a jitted one on one device.
@@ -18,6 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import json
 import sys
 import time
 from collections.abc import Callable
@@ -27,14 +33,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lstm_jax import cli, steps
+from lstm_jax import cli, scoring, steps
+from lstm_jax.cache import CacheConfig
 from lstm_jax.checkpoint import Checkpoints, abstract_like
 from lstm_jax.config import DataConfig, from_dict, section, setting
 from lstm_jax.data import Batcher, Split, Vocab, eval_streams, load_split
 from lstm_jax.dynamic import DynamicConfig
 from lstm_jax.errors import UsageError, UserError
 from lstm_jax.models import Carry, CharLSTM
-from lstm_jax.reader import MEMBER_HELP, member_note, restore_model
+from lstm_jax.reader import MEMBER_HELP, member_note, population_size, restore_model
 from lstm_jax.settings import POSITIVE
 
 Streams = tuple[np.ndarray, np.ndarray, np.ndarray]  # inputs, targets, weights: [chunks, rows, T]
@@ -153,37 +160,145 @@ class EvaluateOptions:
     )  # fmt: skip
     dynamic: bool = setting(False, "Dynamic evaluation: adapt the weights as the text is read.")
     dynamic_options: DynamicConfig = section(DynamicConfig)
+    cache_options: CacheConfig = section(CacheConfig)
+    ensemble: str = setting(
+        "", "Comma-separated run folders whose models are scored as one, the mean of their "
+        "probabilities, each at its best checkpoint; a population's folder gives every member. "
+        "In place of --workdir, --checkpoint and --member.",
+    )  # fmt: skip
 
 
 def main(argv: list[str]) -> None:
     with cli.user_errors():
         cli.refuse_positional_arguments(argv)
         options = cli.read_flags(EvaluateOptions)
-        if options.text and cli.FLAGS["split"].present:
-            raise UsageError("--text and --split both choose the text; pass only one.")
+        _refuse_contradictions(options)
         started = time.perf_counter()
-        model, params, vocab, step, meta = restore_model(
-            options.workdir, options.checkpoint, options.member
-        )
-        which = "EMA parameters" if meta.get("selected") == "ema_params" else "parameters"
-        name, ids = _text_to_score(options, meta, vocab)
-        note = f"# checkpoint step {step} ({which}{member_note(meta)}); {options.streams} stream(s)"
-        if options.dynamic:
-            loss = _dynamic_loss(options, meta, vocab, model, params, ids)
-            dyn = options.dynamic_options
-            name += " (dynamic evaluation)"
-            note += (
-                f"; dynamic evaluation: lr {dyn.dynamic_lr:g}, decay {dyn.dynamic_decay:g}, "
-                f"segments of {dyn.dynamic_segment}, gradient RMS over "
-                f"{dyn.dynamic_stat_batches} training batches"
-            )
+        if options.ensemble or options.cache_options.cache:
+            name, ids, loss, note = _score_combined(options)
         else:
-            loss = score_ids(model, params, ids, options.streams)
+            name, ids, loss, note = _score_one(options)
         print(f"{note}; {time.perf_counter() - started:.1f} s", file=sys.stderr)
         print(
             f"{name}: {steps.bits_per_char(loss):.4f} bpc ({loss:.4f} nats/char, "
             f"{len(ids) - 1:,} predicted characters: all but the first)"
         )
+
+
+def _refuse_contradictions(options: EvaluateOptions) -> None:
+    """One line for flags that contradict each other or do nothing without their switch."""
+    given = cli.given_settings(EvaluateOptions)
+    if options.text and "split" in given:
+        raise UsageError("--text and --split both choose the text; pass only one.")
+    switches = (
+        ("dynamic", options.dynamic, DynamicConfig),
+        ("cache", options.cache_options.cache, CacheConfig),
+    )
+    for switch, on, spec in switches:
+        orphans = sorted(cli.given_settings(spec) - {switch})
+        if orphans and not on:
+            raise UsageError(
+                f"--{orphans[0]} is a setting of --{switch}; pass --{switch} too, or drop it."
+            )
+    if options.ensemble:
+        named = sorted(given & {"workdir", "checkpoint", "member"})
+        if named:
+            raise UsageError(
+                f"--ensemble names the models (each at its best checkpoint); drop --{named[0]}."
+            )
+
+
+def _score_one(options: EvaluateOptions) -> tuple[str, np.ndarray, float, str]:
+    """(text's name, its ids, mean loss, note) of --workdir's model, plain or dynamic."""
+    model, params, vocab, step, meta = restore_model(
+        options.workdir, options.checkpoint, options.member
+    )
+    which = "EMA parameters" if meta.get("selected") == "ema_params" else "parameters"
+    name, ids = _text_to_score(options, meta, vocab)
+    note = f"# checkpoint step {step} ({which}{member_note(meta)}); {options.streams} stream(s)"
+    if not options.dynamic:
+        return name, ids, score_ids(model, params, ids, options.streams), note
+    loss = _dynamic_loss(options, meta, vocab, model, params, ids)
+    return name + " (dynamic evaluation)", ids, loss, note + _dynamic_note(options)
+
+
+def _dynamic_note(options: EvaluateOptions) -> str:
+    dyn = options.dynamic_options
+    return (
+        f"; dynamic evaluation: lr {dyn.dynamic_lr:g}, decay {dyn.dynamic_decay:g}, "
+        f"segments of {dyn.dynamic_segment}, gradient RMS over "
+        f"{dyn.dynamic_stat_batches} training batches"
+    )
+
+
+def _score_combined(options: EvaluateOptions) -> tuple[str, np.ndarray, float, str]:
+    """(text's name, its ids, mean loss, note) of the ensemble or --workdir's model, with the
+    cache and dynamic evaluation as asked, in one `lstm_jax.scoring` pass."""
+    restored = _ensemble_models(options)
+    _, _, vocab, _, meta = restored[0]
+    name, ids = _text_to_score(options, meta, vocab)
+    dyn = options.dynamic_options
+    members = []
+    for model, params, _, _, member_meta in restored:
+        rms = _gradient_rms(options, member_meta, vocab, model, params) if options.dynamic else None
+        members.append(scoring.Member(model, params, rms))
+    adapt = (
+        scoring.Adapt(dyn.dynamic_lr, dyn.dynamic_decay, dyn.dynamic_segment, dyn.dynamic_epsilon)
+        if options.dynamic
+        else None
+    )
+    cache = options.cache_options if options.cache_options.cache else None
+    loss, _ = scoring.score(members, ids, num_streams=options.streams, cache=cache, adapt=adapt)
+    steps_read = ", ".join(f"{step}{member_note(m)}" for _, _, _, step, m in restored)
+    note = f"# checkpoint step(s) {steps_read}; {options.streams} stream(s)"
+    if len(restored) > 1:
+        name += f" (ensemble of {len(restored)})"
+    if cache is not None:
+        name += " (cache)"
+        note += (
+            f"; cache: window {cache.cache_window}, theta {cache.cache_theta:g}, "
+            f"lambda {cache.cache_lambda:g}, on the first model's hidden states"
+        )
+    if options.dynamic:
+        name += " (dynamic evaluation)"
+        note += _dynamic_note(options)
+    return name, ids, loss, note
+
+
+def _ensemble_models(options: EvaluateOptions) -> list[tuple]:
+    """`restore_model`'s answer for every model to score: --workdir's, or every --ensemble
+    folder's (each member of a population's), each at its best checkpoint."""
+    if not options.ensemble:
+        return [restore_model(options.workdir, options.checkpoint, options.member)]
+    folders = [f.strip() for f in options.ensemble.split(",") if f.strip()]
+    if not folders:
+        raise UsageError("--ensemble names no run folder; pass W1,W2,...")
+    restored, folder_of = [], []
+    for folder in folders:
+        size = population_size(folder)
+        for member in range(size) if size else [""]:
+            restored.append(restore_model(folder, "best", member))
+            folder_of.append(folder)
+    first_vocab, first_ids = restored[0][2], None
+    texts: dict[str, np.ndarray] = {}  # The part to score, by the data settings that cut it.
+    for (_, _, vocab, _, meta), folder in zip(restored, folder_of, strict=True):
+        if vocab != first_vocab:
+            raise UserError(
+                f"{folder}'s model reads another vocabulary than {folders[0]}'s; an ensemble "
+                "needs the same characters."
+            )
+        if options.text:
+            continue
+        key = json.dumps(meta.get("config", {}).get("data"), sort_keys=True)
+        if key not in texts:
+            texts[key] = _text_to_score(options, meta, vocab)[1]
+        first_ids = texts[key] if first_ids is None else first_ids
+        if not np.array_equal(texts[key], first_ids):
+            raise UserError(
+                f"{folder}'s run cut another {options.split} text than {folders[0]}'s; score "
+                "a file with --text=FILE."
+            )
+    return restored
 
 
 def run_data_config(meta: dict[str, Any]) -> DataConfig:
@@ -225,13 +340,21 @@ def _text_to_score(options: EvaluateOptions, meta: dict, vocab: Vocab) -> tuple[
     return options.text, vocab.encode(text)
 
 
-def _dynamic_loss(options, meta, vocab, model, params, ids) -> float:
-    from lstm_jax.dynamic import DynamicEvaluator, gradient_rms
+def _gradient_rms(options, meta, vocab, model, params) -> Any:
+    """Dynamic evaluation's gradient RMS, over the run's own training text."""
+    from lstm_jax.dynamic import gradient_rms
 
-    dyn, data = options.dynamic_options, run_data_config(meta)
+    data = run_data_config(meta)
     _, split, _ = load_split(data, lambda _: vocab)
     batcher = Batcher(split.train, data.seq_len, data.global_batch, data.seed, data.carry_state)
-    rms = gradient_rms(model, params, batcher, dyn.dynamic_stat_batches)
+    return gradient_rms(model, params, batcher, options.dynamic_options.dynamic_stat_batches)
+
+
+def _dynamic_loss(options, meta, vocab, model, params, ids) -> float:
+    from lstm_jax.dynamic import DynamicEvaluator
+
+    dyn = options.dynamic_options
+    rms = _gradient_rms(options, meta, vocab, model, params)
     evaluator = DynamicEvaluator(model, params, rms, dyn.dynamic_epsilon)
     loss, _ = evaluator.score(
         ids,

@@ -82,6 +82,20 @@ def restore_model(
     return model, params, vocab, step, meta
 
 
+def population_size(workdir: str | os.PathLike) -> int | None:
+    """How many members the population in `workdir` has; None for a single run's workdir. A
+    `UserError` where there is no checkpoint."""
+    from lstm_jax.checkpoint import Checkpoints
+
+    checkpoints = Checkpoints(workdir, read_only=True)
+    try:
+        checkpoints.resolve("latest")  # A clear error where there is no checkpoint.
+        members = _population(checkpoints)
+    finally:
+        checkpoints.close()
+    return None if members is None else len(members)
+
+
 def _population(checkpoints: Any) -> list[dict[str, Any]] | None:
     """The members in the newest readable checkpoint's metadata; None for a single run."""
     from lstm_jax.checkpoint import UnreadableCheckpoint

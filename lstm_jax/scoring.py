@@ -10,9 +10,9 @@ it: each member's weights step on the chunk's loss after it has been scored, and
 pairs enter the cache after it has been scored. The hyperparameters (theta, lambda, lr, decay)
 are traced, so a sweep compiles once.
 
-A library for now: no command calls it yet (`evaluate --cache` and `--ensemble` are still to be
-wired to it, issue 25). Plain `evaluate` keeps its own path (`lstm_jax.evaluate.score_ids`,
-`lstm_jax.dynamic`).
+`python -m lstm_jax.evaluate --cache` and `--ensemble` score through it. Plain `evaluate` (with or
+without `--dynamic`) keeps its own path (`lstm_jax.evaluate.score_ids`, `lstm_jax.dynamic`),
+which equals this one with lambda 0 (tests/test_cache.py).
 """
 
 from __future__ import annotations

@@ -917,6 +917,35 @@ MUTATIONS: tuple[Mutation, ...] = (
         "traceback",
         k="bench and matmul",
     ),
+    # --- The cache and ensembles behind evaluate (issue 25) -----------------------------------
+    Mutation(
+        "cache_sees_the_predicted_character",
+        "cache.py",
+        "allowed = valid[None] & (positions[None] < t) & (positions[None] >= t - window)",
+        "allowed = valid[None] & (positions[None] <= t) & (positions[None] >= t - window)",
+        ("tests/test_cache.py",),
+        "the cache holds the pair of the position it predicts, so it copies the answer",
+        k="depends_on_nothing",
+    ),
+    Mutation(
+        "ensemble_averages_log_probs",
+        "ensemble.py",
+        "return jax.nn.logsumexp(member_log_probs, axis=0) - math.log(count)",
+        "return member_log_probs.mean(axis=0) + 0 * count",
+        ("tests/test_cache.py",),
+        "the ensemble is the mean of the members' log probabilities (a geometric mean, not "
+        "normalised), not the mean of their probabilities",
+        k="ensemble",
+    ),
+    Mutation(
+        "ensemble_reads_only_the_first_folder",
+        "evaluate.py",
+        'folders = [f.strip() for f in options.ensemble.split(",") if f.strip()]',
+        'folders = [f.strip() for f in options.ensemble.split(",") if f.strip()][:1]',
+        ("tests/test_cache.py",),
+        "evaluate --ensemble=W1,W2 scores W1's models alone",
+        k="ensemble",
+    ),
 )
 
 

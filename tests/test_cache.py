@@ -165,3 +165,131 @@ def test_the_pass_pairs_each_hidden_state_with_the_next_character(tiny):
     got = _losses(model, params, ids, cache=_cache(window, theta, lam), chunk=8)
     np.testing.assert_allclose(got, want, rtol=2e-5)
     assert np.mean(got) < np.mean(-np.log(p_model[np.arange(len(targets)), targets]))
+
+
+# --- `python -m lstm_jax.evaluate --cache / --ensemble`, through the real command line ----------
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory, small_text):
+    """A population of two seeds and a single run of another width, on the same text and split;
+    and a run on another text (another vocabulary)."""
+    from lstm_jax.config import Config
+    from lstm_jax.train import train_and_evaluate
+
+    folder = tmp_path_factory.mktemp("ensemble")
+    (folder / "text.txt").write_text(small_text)
+    (folder / "other.txt").write_text(small_text.upper())
+    common = dict(
+        embed_dim=8, num_layers=1, seq_len=16, global_batch=8, num_steps=12, warmup_steps=2,
+        log_every=6, eval_every=6, checkpoint_every=6, learning_rate=0.02, dropout=0.0,
+        ema_decay=0.0,
+    )  # fmt: skip
+    made = {}
+    for name, text, extra in (
+        ("pop", "text.txt", dict(hidden=16, seeds=2)),
+        ("single", "text.txt", dict(hidden=24, seed=5)),
+        ("other", "other.txt", dict(hidden=16)),
+    ):
+        config = Config.create(
+            data_path=str(folder / text), workdir=str(folder / name), **common, **extra
+        )
+        train_and_evaluate(config, devices=jax.local_devices()[:1])
+        made[name] = folder / name
+    return made
+
+
+def _evaluate(*args) -> tuple[str, float]:
+    from subprocesses import run_module
+
+    result = run_module("lstm_jax.evaluate", *args)
+    assert result.returncode == 0, result.stderr[-3000:]
+    name, bpc = result.stdout.strip().splitlines()[-1].split(": ", 1)
+    return name, float(bpc.split(" bpc")[0])
+
+
+def _position_log_probs(workdir, member="") -> tuple[np.ndarray, np.ndarray]:
+    """log p of every test character after the first, the text read in one `model.apply`
+    (not chunked, unlike the command), and the test ids."""
+    from lstm_jax.data import Vocab, load_split
+    from lstm_jax.evaluate import run_data_config
+    from lstm_jax.reader import restore_model
+
+    model, params, vocab, _, meta = restore_model(workdir, "best", member)
+    ids = load_split(run_data_config(meta), lambda _: Vocab(vocab.chars))[1].test
+    _, logits = model.apply({"params": params}, model.initialize_carry(1), ids[None, :-1])
+    log_probs = jax.nn.log_softmax(np.asarray(logits[0], np.float64))
+    return np.take_along_axis(log_probs, ids[1:, None], axis=-1)[:, 0], ids
+
+
+def test_evaluate_ensemble_is_the_mean_of_the_members_probabilities(runs):
+    pop, single = runs["pop"], runs["single"]
+    members = [_position_log_probs(pop, m)[0] for m in (0, 1)] + [_position_log_probs(single)[0]]
+    # The closed form, in float64: -mean_t log((p_0(x_t) + p_1(x_t) + p_2(x_t)) / 3), in bits.
+    want = -np.mean(np.log(np.mean(np.exp(np.stack(members)), axis=0))) / np.log(2)
+    name, bpc = _evaluate(f"--ensemble={pop},{single}")
+    assert name == "test (ensemble of 3)"
+    assert abs(bpc - want) < 1e-4, (bpc, want)
+    # Not the mean of the log probabilities (nor the mean of their losses).
+    geometric = -np.mean(np.stack(members)) / np.log(2)
+    assert want < geometric - 1e-3 and abs(bpc - geometric) > 5e-4
+    # An ensemble of one model twice is that model.
+    _, alone = _evaluate(f"--workdir={single}")
+    _, twice = _evaluate(f"--ensemble={single},{single}")
+    assert abs(twice - alone) < 1e-4 and abs(alone - (-np.mean(members[2]) / np.log(2))) < 1e-4
+
+
+def test_evaluate_cache_with_weight_0_is_plain_evaluation_and_otherwise_is_not(runs):
+    single = runs["single"]
+    _, plain = _evaluate(f"--workdir={single}")
+    name, off = _evaluate(f"--workdir={single}", "--cache", "--cache_lambda=0")
+    assert name == "test (cache)" and abs(off - plain) < 1e-4
+    _, on = _evaluate(f"--workdir={single}", "--cache", "--cache_lambda=0.3", "--cache_theta=1")
+    assert abs(on - plain) > 1e-3
+    # With dynamic evaluation that learns nothing, still the plain score; with both on, the
+    # dynamic score changes too.
+    name, still = _evaluate(
+        f"--workdir={single}", "--cache", "--cache_lambda=0", "--dynamic", "--dynamic_lr=0",
+        "--dynamic_decay=0", "--dynamic_stat_batches=2",
+    )  # fmt: skip
+    assert name == "test (cache) (dynamic evaluation)" and abs(still - plain) < 1e-4
+
+
+BAD_COMBINATIONS = [
+    # (args, the one error line's phrase, exit status)
+    (["--cache_theta=1"], "--cache_theta is a setting of --cache; pass --cache too", 2),
+    (["--dynamic_lr=1e-4"], "--dynamic_lr is a setting of --dynamic; pass --dynamic too", 2),
+    (["--ensemble={pop}", "--member=1"], "--ensemble names the models", 2),
+    (["--ensemble={pop}", "--workdir={pop}"], "drop --workdir", 2),
+    (["--ensemble=,"], "--ensemble names no run folder", 2),
+    (["--ensemble={pop},{other}"], "reads another vocabulary", 1),
+    (["--ensemble={pop},{pop}/nowhere"], "nowhere", 1),
+    (["--cache", "--cache_window=0"], "--cache_window must be in", 2),
+    (["--cache", "--cache_lambda=1.5"], "--cache_lambda must be", 2),
+]
+
+
+@pytest.mark.parametrize(
+    "args, phrase, status", BAD_COMBINATIONS, ids=[" ".join(b[0]) for b in BAD_COMBINATIONS]
+)
+def test_evaluate_refuses_bad_cache_and_ensemble_flags_in_one_line(runs, args, phrase, status):
+    from subprocesses import run_module
+
+    args = [a.format(**{k: str(v) for k, v in runs.items()}) for a in args]
+    if not any(a.startswith(("--ensemble", "--workdir")) for a in args):
+        args.append(f"--workdir={runs['single']}")
+    result = run_module("lstm_jax.evaluate", *args)
+    assert result.returncode == status, result.stderr[-2000:]
+    assert "Traceback" not in result.stderr and result.stdout == ""
+    lines = [line for line in result.stderr.splitlines() if line.startswith(("error", "FATAL"))]
+    assert len(lines) == 1 and phrase in lines[0], result.stderr[-2000:]
+
+
+def test_an_ensemble_is_the_log_of_the_mean_of_made_up_distributions():
+    from lstm_jax.ensemble import combine
+
+    p = np.array([[0.5, 0.25, 0.25], [0.1, 0.8, 0.1], [0.2, 0.2, 0.6]])  # 3 members, 3 chars.
+    mixed = np.exp(np.asarray(combine(jnp.log(jnp.asarray(p)))))
+    np.testing.assert_allclose(mixed, [0.8 / 3, 1.25 / 3, 0.95 / 3], rtol=1e-6)
+    one = np.log(np.array([[0.3, 0.7]], np.float32))
+    np.testing.assert_array_equal(np.asarray(combine(jnp.asarray(one))), one[0])  # To the bit.
