@@ -27,6 +27,7 @@ import time
 import numpy as np
 
 from lstm_jax.cache import CacheConfig
+from lstm_jax.cli import user_errors
 from lstm_jax.data import Batcher, load_split
 from lstm_jax.dynamic import gradient_rms
 from lstm_jax.evaluate import run_data_config
@@ -162,4 +163,5 @@ def _summary(scores: np.ndarray) -> str:
 
 
 if __name__ == "__main__":
-    main()
+    with user_errors():  # A missing or damaged workdir: one line, no traceback.
+        main()

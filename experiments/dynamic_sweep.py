@@ -16,10 +16,11 @@ import argparse
 import dataclasses
 import time
 
-from lstm_jax.checkpoint import restore_model as restore
+from lstm_jax.cli import user_errors
 from lstm_jax.data import Batcher, load_split
 from lstm_jax.dynamic import DynamicEvaluator, gradient_rms
 from lstm_jax.evaluate import run_data_config, score_ids
+from lstm_jax.reader import restore_model as restore
 from lstm_jax.steps import bits_per_char
 
 
@@ -76,4 +77,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    with user_errors():  # A missing or damaged workdir: one line, no traceback.
+        main()

@@ -20,9 +20,11 @@ import dataclasses
 import json
 from pathlib import Path
 
-from lstm_jax.checkpoint import Checkpoints, restore_model
+from lstm_jax.checkpoint import Checkpoints
+from lstm_jax.cli import user_errors
 from lstm_jax.data import load_split
 from lstm_jax.evaluate import run_data_config, score_ids
+from lstm_jax.reader import restore_model
 from lstm_jax.steps import bits_per_char
 
 
@@ -114,4 +116,5 @@ def plot(curves: dict, path: str) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    with user_errors():  # A missing or damaged workdir: one line, no traceback.
+        main()

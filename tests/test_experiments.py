@@ -1,4 +1,5 @@
-"""Every committed experiment flagfile parses with `main`'s flags into a valid configuration."""
+"""Every committed experiment flagfile parses with `main`'s flags into a valid configuration, and
+every experiment script starts: `--help`, and an error line for a missing run folder."""
 
 import subprocess
 import sys
@@ -35,3 +36,28 @@ def test_every_experiment_flagfile_is_a_valid_run():
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.count("valid ") == len(FLAGFILES)
+
+
+SCRIPTS = sorted((ROOT / "experiments").glob("*.py"))
+TAKES_A_WORKDIR = ("cache_sweep.py", "dynamic_sweep.py", "score_checkpoints.py")
+
+
+def _script(path, *args) -> subprocess.CompletedProcess:
+    env = command_env() | {"PYTHONPATH": str(ROOT)}  # This tree's package, as a user's install.
+    return subprocess.run(
+        [sys.executable, str(path), *args], cwd=ROOT, env=env, capture_output=True, text=True,
+        timeout=120,
+    )  # fmt: skip
+
+
+def test_every_experiment_script_answers_help_and_a_missing_workdir_in_one_line(tmp_path):
+    # Each script imports what the package has today (two once imported a moved function).
+    assert {p.name for p in SCRIPTS} >= {"compressors.py", *TAKES_A_WORKDIR}
+    for path in SCRIPTS:
+        shown = _script(path, "--help")
+        assert shown.returncode == 0 and "usage:" in shown.stdout, (path, shown.stderr[-2000:])
+    for name in TAKES_A_WORKDIR:
+        missing = _script(ROOT / "experiments" / name, str(tmp_path / "nowhere"))
+        assert missing.returncode in (1, 2) and "Traceback" not in missing.stderr, missing.stderr
+        line = missing.stderr.strip().splitlines()[-1]  # argparse puts its usage line first.
+        assert "error: " in line and "nowhere" in line and "checkpoint" in line, line
