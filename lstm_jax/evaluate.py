@@ -234,9 +234,10 @@ def _dynamic_note(options: EvaluateOptions) -> str:
 def _score_combined(options: EvaluateOptions) -> tuple[str, np.ndarray, float, str]:
     """(text's name, its ids, mean loss, note) of the ensemble or --workdir's model, with the
     cache and dynamic evaluation as asked, in one `lstm_jax.scoring` pass."""
-    restored = _ensemble_models(options)
+    folders, restored = _models_to_score(options)
     _, _, vocab, _, meta = restored[0]
     name, ids = _text_to_score(options, meta, vocab)
+    _refuse_other_texts(options, folders, restored, ids)
     dyn = options.dynamic_options
     members = []
     for model, params, _, _, member_meta in restored:
@@ -265,40 +266,48 @@ def _score_combined(options: EvaluateOptions) -> tuple[str, np.ndarray, float, s
     return name, ids, loss, note
 
 
-def _ensemble_models(options: EvaluateOptions) -> list[tuple]:
-    """`restore_model`'s answer for every model to score: --workdir's, or every --ensemble
-    folder's (each member of a population's), each at its best checkpoint."""
+def _models_to_score(options: EvaluateOptions) -> tuple[list[str], list[tuple]]:
+    """(the run folder of each model, `restore_model`'s answer for each): --workdir's model, or
+    every --ensemble folder's (each member of a population's), each at its best checkpoint.
+    A `UserError` where two read other vocabularies."""
     if not options.ensemble:
-        return [restore_model(options.workdir, options.checkpoint, options.member)]
-    folders = [f.strip() for f in options.ensemble.split(",") if f.strip()]
-    if not folders:
+        return [options.workdir], [
+            restore_model(options.workdir, options.checkpoint, options.member)
+        ]
+    named = [f.strip() for f in options.ensemble.split(",") if f.strip()]
+    if not named:
         raise UsageError("--ensemble names no run folder; pass W1,W2,...")
-    restored, folder_of = [], []
-    for folder in folders:
+    folders, restored = [], []
+    for folder in named:
         size = population_size(folder)
         for member in range(size) if size else [""]:
             restored.append(restore_model(folder, "best", member))
-            folder_of.append(folder)
-    first_vocab, first_ids = restored[0][2], None
-    texts: dict[str, np.ndarray] = {}  # The part to score, by the data settings that cut it.
-    for (_, _, vocab, _, meta), folder in zip(restored, folder_of, strict=True):
-        if vocab != first_vocab:
+            folders.append(folder)
+    for folder, (_, _, vocab, _, _) in zip(folders, restored, strict=True):
+        if vocab != restored[0][2]:
             raise UserError(
                 f"{folder}'s model reads another vocabulary than {folders[0]}'s; an ensemble "
                 "needs the same characters."
             )
-        if options.text:
-            continue
+    return folders, restored
+
+
+def _refuse_other_texts(options, folders: list[str], restored: list[tuple], ids) -> None:
+    """A `UserError` where a model's run cut another --split text than the first's (a --text
+    is the same for all)."""
+    if options.text:
+        return
+    seen = {json.dumps(restored[0][4].get("config", {}).get("data"), sort_keys=True)}
+    for folder, (_, _, vocab, _, meta) in zip(folders, restored, strict=True):
         key = json.dumps(meta.get("config", {}).get("data"), sort_keys=True)
-        if key not in texts:
-            texts[key] = _text_to_score(options, meta, vocab)[1]
-        first_ids = texts[key] if first_ids is None else first_ids
-        if not np.array_equal(texts[key], first_ids):
+        if key in seen:  # Cut by the same settings: the same text, not loaded again.
+            continue
+        if not np.array_equal(_text_to_score(options, meta, vocab)[1], ids):
             raise UserError(
                 f"{folder}'s run cut another {options.split} text than {folders[0]}'s; score "
                 "a file with --text=FILE."
             )
-    return restored
+        seen.add(key)
 
 
 def run_data_config(meta: dict[str, Any]) -> DataConfig:

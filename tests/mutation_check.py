@@ -940,8 +940,8 @@ MUTATIONS: tuple[Mutation, ...] = (
     Mutation(
         "ensemble_reads_only_the_first_folder",
         "evaluate.py",
-        'folders = [f.strip() for f in options.ensemble.split(",") if f.strip()]',
-        'folders = [f.strip() for f in options.ensemble.split(",") if f.strip()][:1]',
+        'named = [f.strip() for f in options.ensemble.split(",") if f.strip()]',
+        'named = [f.strip() for f in options.ensemble.split(",") if f.strip()][:1]',
         ("tests/test_cache.py",),
         "evaluate --ensemble=W1,W2 scores W1's models alone",
         k="ensemble",

@@ -173,7 +173,7 @@ def test_the_pass_pairs_each_hidden_state_with_the_next_character(tiny):
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory, small_text):
     """A population of two seeds and a single run of another width, on the same text and split;
-    and a run on another text (another vocabulary)."""
+    a run on another text (another vocabulary), and one with another test part."""
     from lstm_jax.config import Config
     from lstm_jax.train import train_and_evaluate
 
@@ -190,6 +190,7 @@ def runs(tmp_path_factory, small_text):
         ("pop", "text.txt", dict(hidden=16, seeds=2)),
         ("single", "text.txt", dict(hidden=24, seed=5)),
         ("other", "other.txt", dict(hidden=16)),
+        ("cut", "text.txt", dict(hidden=16, test_fraction=0.2)),
     ):
         config = Config.create(
             data_path=str(folder / text), workdir=str(folder / name), **common, **extra
@@ -246,8 +247,7 @@ def test_evaluate_cache_with_weight_0_is_plain_evaluation_and_otherwise_is_not(r
     assert name == "test (cache)" and abs(off - plain) < 1e-4
     _, on = _evaluate(f"--workdir={single}", "--cache", "--cache_lambda=0.3", "--cache_theta=1")
     assert abs(on - plain) > 1e-3
-    # With dynamic evaluation that learns nothing, still the plain score; with both on, the
-    # dynamic score changes too.
+    # With dynamic evaluation that learns nothing, still the plain score.
     name, still = _evaluate(
         f"--workdir={single}", "--cache", "--cache_lambda=0", "--dynamic", "--dynamic_lr=0",
         "--dynamic_decay=0", "--dynamic_stat_batches=2",
@@ -263,6 +263,7 @@ BAD_COMBINATIONS = [
     (["--ensemble={pop}", "--workdir={pop}"], "drop --workdir", 2),
     (["--ensemble=,"], "--ensemble names no run folder", 2),
     (["--ensemble={pop},{other}"], "reads another vocabulary", 1),
+    (["--ensemble={pop},{cut}"], "cut another test text than", 1),
     (["--ensemble={pop},{pop}/nowhere"], "nowhere", 1),
     (["--cache", "--cache_window=0"], "--cache_window must be in", 2),
     (["--cache", "--cache_lambda=1.5"], "--cache_lambda must be", 2),
