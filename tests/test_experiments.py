@@ -61,3 +61,28 @@ def test_every_experiment_script_answers_help_and_a_missing_workdir_in_one_line(
         assert missing.returncode in (1, 2) and "Traceback" not in missing.stderr, missing.stderr
         line = missing.stderr.strip().splitlines()[-1]  # argparse puts its usage line first.
         assert "error: " in line and "nowhere" in line and "checkpoint" in line, line
+
+
+def _lstm_parameters(hidden: int) -> int:
+    # Closed form for 2 LSTM layers over a 64-wide embedding, 96 characters: each layer
+    # 4h(n + h) weights and 4h biases, then the output layer and the embedding table.
+    first, second = 4 * hidden * (64 + hidden) + 4 * hidden, 4 * hidden * 2 * hidden + 4 * hidden
+    return first + second + hidden * 96 + 96 + 96 * 64
+
+
+def test_cell_study_widths_are_the_nearest_to_the_target_and_bad_cells_are_one_line():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("cell_study", ROOT / "experiments/cell_study.py")
+    study = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(study)
+    for target in (1_000_000, 250_000):
+        hidden, count = study.width_for("lstm", "plain", target)
+        assert count == _lstm_parameters(hidden)
+        assert hidden % 16 == 0
+        for other in (hidden - 16, hidden + 16):
+            assert abs(_lstm_parameters(other) - target) >= abs(count - target)
+    assert study.width_for("lstm", "plain", 1_000_000) == (272, 991_968)
+    bad = _script(ROOT / "experiments/cell_study.py", "--cells=lstm,transformer", "--plan")
+    assert bad.returncode == 2 and "Traceback" not in bad.stderr
+    assert "transformer" in bad.stderr.strip().splitlines()[-1]
