@@ -213,13 +213,19 @@ def _score_one(options: EvaluateOptions) -> tuple[str, np.ndarray, float, str]:
     model, params, vocab, step, meta = restore_model(
         options.workdir, options.checkpoint, options.member
     )
-    which = "EMA parameters" if meta.get("selected") == "ema_params" else "parameters"
     name, ids = _text_to_score(options, meta, vocab)
-    note = f"# checkpoint step {step} ({which}{member_note(meta)}); {options.streams} stream(s)"
+    note = f"# checkpoint step {_which_parameters(step, meta)}; {options.streams} stream(s)"
     if not options.dynamic:
         return name, ids, score_ids(model, params, ids, options.streams), note
     loss = _dynamic_loss(options, meta, vocab, model, params, ids)
     return name + " (dynamic evaluation)", ids, loss, note + _dynamic_note(options)
+
+
+def _which_parameters(step: int, meta: dict[str, Any]) -> str:
+    """'STEP (EMA parameters, member K ...)': the step, which of its parameter sets was read
+    (the EMA where the run kept one and it scored better on validation), and the member."""
+    which = "EMA parameters" if meta.get("selected") == "ema_params" else "parameters"
+    return f"{step} ({which}{member_note(meta)})"
 
 
 def _dynamic_note(options: EvaluateOptions) -> str:
@@ -250,7 +256,7 @@ def _score_combined(options: EvaluateOptions) -> tuple[str, np.ndarray, float, s
     )
     cache = options.cache_options if options.cache_options.cache else None
     loss, _ = scoring.score(members, ids, num_streams=options.streams, cache=cache, adapt=adapt)
-    steps_read = ", ".join(f"{step}{member_note(m)}" for _, _, _, step, m in restored)
+    steps_read = ", ".join(_which_parameters(step, m) for _, _, _, step, m in restored)
     note = f"# checkpoint step(s) {steps_read}; {options.streams} stream(s)"
     if len(restored) > 1:
         name += f" (ensemble of {len(restored)})"

@@ -234,3 +234,19 @@ def test_evaluate_refuses_numbers_out_of_range_in_one_line(trained, name, args, 
     assert "Traceback" not in result.stderr and result.stdout == ""
     lines = [line for line in result.stderr.splitlines() if line.startswith(("error", "FATAL"))]
     assert len(lines) == 1 and phrase in lines[0], result.stderr[-2000:]
+
+
+def test_every_scored_model_says_which_of_its_parameter_sets_was_read(trained):
+    # The fixture's best checkpoint kept its EMA (the better of the two on validation): the note
+    # of a single model and of each ensemble member names it, so two runs' numbers compare.
+    config, _ = trained
+    workdir = config.loop.workdir
+    best = Checkpoints(workdir, read_only=True).best_step()
+    assert _meta(workdir, best)["selected"] == "ema_params"
+    single, ensemble = (f"--workdir={workdir}",), (f"--ensemble={workdir},{workdir}", "--cache")
+    for args, models in ((single, 1), (ensemble, 2)):
+        result = run_module("lstm_jax.evaluate", *args)
+        assert result.returncode == 0, result.stderr[-2000:]
+        lines = (result.stdout + result.stderr).splitlines()
+        (note,) = [line for line in lines if line.startswith("# checkpoint")]
+        assert note.count(f"{best} (EMA parameters") == models, note
