@@ -89,9 +89,16 @@ class Checkpoints:
             ),
             enable_async_checkpointing=True,
         )
-        self._manager = ocp.CheckpointManager(
-            self.directory, item_names=ITEMS + LEGACY_ITEMS, options=options
-        )
+        for attempt in range(_LIST_ATTEMPTS):
+            try:
+                self._manager = ocp.CheckpointManager(
+                    self.directory, item_names=ITEMS + LEGACY_ITEMS, options=options
+                )
+                break
+            except FileNotFoundError:
+                # A running trainer deleted a step while Orbax listed the folder: list it again.
+                if attempt == _LIST_ATTEMPTS - 1:
+                    raise
         self._save_error: UserError | None = None
         self._partial = self._find_partial_steps(read_only)
 
@@ -150,7 +157,7 @@ class Checkpoints:
         """'latest', 'best' or a step number -> a saved step; a `UserError` lists what exists."""
         steps = self.steps()
         if not steps:
-            raise UserError(
+            raise NoCheckpoint(
                 f"No checkpoint in {self.directory}; train first with "
                 "python -m lstm_jax.main --workdir=... ."
             )
@@ -342,6 +349,14 @@ class Checkpoints:
         except Exception as e:  # noqa: BLE001 - any failure to write stops the run the same way.
             self._save_error = SaveFailed(self, e)
             raise self._save_error from None
+
+
+# How often a reader lists the folder again when a running trainer deletes a step meanwhile.
+_LIST_ATTEMPTS = 5
+
+
+class NoCheckpoint(UserError):
+    """The folder has no whole step (yet): train first."""
 
 
 class UnreadableCheckpoint(UserError):

@@ -9,6 +9,7 @@ from __future__ import annotations
 import functools
 import math
 import os
+import time
 from typing import TYPE_CHECKING, Any
 
 from lstm_jax.errors import UserError
@@ -33,6 +34,10 @@ def member_note(meta: dict[str, Any]) -> str:
     return f", member {meta['member']} (seed {meta['seed']}{values})"
 
 
+# How often a reader beside a live trainer starts again when the step it read was removed.
+_READ_ATTEMPTS = 5
+
+
 def restore_model(
     workdir: str | os.PathLike, checkpoint: str = "best", member: str | int = ""
 ) -> tuple[CharLSTM, Any, Vocab, int, dict[str, Any]]:
@@ -42,7 +47,49 @@ def restore_model(
     In a population's workdir, the model is one member's (`member`: an index, grid settings
     such as 'learning_rate=0.004' or 'seed=1', or empty for the best member by validation);
     'best' is then that member's best step, and `meta` describes that member (`choose_member`).
+
+    Beside a running trainer, whose retention policy deletes old steps, the step being read may
+    vanish: 'latest' and 'best' then read the trainer's newest whole step (or new best) instead,
+    and an explicit step is said to be removed, never called unreadable.
     """
+    from lstm_jax.checkpoint import NoCheckpoint, checkpoint_dir, committed_steps
+
+    for _ in range(_READ_ATTEMPTS):
+        reading: list[int] = []
+        try:
+            return _restore_model(workdir, checkpoint, member, reading)
+        except NoCheckpoint:
+            # A listing taken while the trainer swapped its steps can look empty: look again.
+            if not committed_steps(checkpoint_dir(workdir)):
+                raise
+        except UserError:
+            if not reading or not _removed(checkpoint_dir(workdir), reading[-1], committed_steps):
+                raise
+            if str(checkpoint) not in ("best", "latest"):
+                raise UserError(
+                    f"Checkpoint step {reading[-1]} was removed by the running trainer while it "
+                    f"was read (it keeps the newest --keep_checkpoints and the best); pick a "
+                    f"newer one with --checkpoint (python -m lstm_jax.info {workdir} lists "
+                    "them), or latest."
+                ) from None
+    raise UserError(
+        f"The checkpoints in {workdir} changed {_READ_ATTEMPTS} times while being read; run the "
+        "command again, or save less often (--checkpoint_every)."
+    )
+
+
+def _removed(directory: Any, step: int, committed_steps: Any) -> bool:
+    """Whether `step` is gone (or going: Orbax deletes a folder file by file) from `directory`."""
+    if step not in committed_steps(directory):
+        return True
+    time.sleep(0.5)  # A deletion under way finishes in milliseconds; a damaged step stays.
+    return step not in committed_steps(directory)
+
+
+def _restore_model(
+    workdir: str | os.PathLike, checkpoint: str, member: str | int, reading: list[int]
+) -> tuple[CharLSTM, Any, Vocab, int, dict[str, Any]]:
+    """`restore_model`'s one attempt; appends the step it reads to `reading`."""
     # Imported here: the commands' --help (which reads MEMBER_HELP) needs no JAX.
     import jax
 
@@ -59,6 +106,7 @@ def restore_model(
             step = checkpoints.best_step(index)
         else:
             step = checkpoints.resolve(str(checkpoint))
+        reading.append(step)
         meta = checkpoints.read_meta(step)
         try:
             vocab = Vocab(meta["vocab"])

@@ -310,6 +310,65 @@ def test_damaged_metadata_is_one_clear_error_for_readers(three_checkpoints, meta
     assert restore_model(workdir, "8")[3] == 8
 
 
+# --- Readers beside a live trainer (issue 26, item 2) -------------------------------------------
+
+
+def _deleted_while_read(monkeypatch, workdir: Path) -> list[int]:
+    """The trainer's retention policy deleting the step a reader is reading, once: in the middle
+    of the read, after its metadata and before its parameters."""
+    original = Checkpoints.restore_model_params
+    deleted: list[int] = []
+
+    def restore_model_params(self, step, *args, **kwargs):
+        if not deleted:
+            deleted.append(step)
+            shutil.rmtree(workdir / "checkpoints" / str(step))
+        return original(self, step, *args, **kwargs)
+
+    monkeypatch.setattr(Checkpoints, "restore_model_params", restore_model_params)
+    return deleted
+
+
+def test_latest_deleted_while_read_gives_the_next_newest_step(three_checkpoints, monkeypatch):
+    _, workdir = three_checkpoints
+    deleted = _deleted_while_read(monkeypatch, workdir)
+    _, _, _, step, _ = restore_model(workdir, "latest")
+    assert deleted == [12] and step == 8
+
+
+def test_an_explicit_step_deleted_while_read_is_said_removed_not_unreadable(
+    three_checkpoints, monkeypatch
+):
+    _, workdir = three_checkpoints
+    deleted = _deleted_while_read(monkeypatch, workdir)
+    with pytest.raises(UserError) as raised:
+        restore_model(workdir, "8")
+    message = str(raised.value)
+    assert deleted == [8] and "unreadable" not in message
+    assert "step 8 was removed by the running trainer" in message and "--checkpoint" in message
+
+
+def test_a_hundred_reads_beside_a_trainer_rotating_its_checkpoints_all_succeed(
+    small_text_path, tmp_path
+):
+    # The trainer saves every 2 steps and keeps one besides the best, which moves as validation
+    # improves: the step a reader picked is often gone before it has read it.
+    workdir = tmp_path / "run"
+    args = _train_args(
+        small_text_path, workdir, checkpoint_every=2, eval_every=2, keep_checkpoints=1,
+        log_every=100,
+    )  # fmt: skip
+    trainer = start_module(*args, compile_cache=False)
+    try:
+        _wait_for(lambda: any(p.name.isdigit() for p in (workdir / "checkpoints").glob("*")))
+        steps = [restore_model(workdir, ("latest", "best")[k % 2])[3] for k in range(100)]
+        assert trainer.poll() is None, trainer.stderr.read()[-2000:]  # It trained all along.
+        assert len(set(steps)) > 5  # The reads followed the trainer's new steps.
+    finally:
+        trainer.kill()
+        trainer.wait()
+
+
 # --- A second Ctrl-C -----------------------------------------------------------------------------
 
 
