@@ -27,6 +27,8 @@ import sys
 import time
 from typing import Any
 
+from lstm_jax.errors import UserError
+
 CELLS = ("lstm", "gru", "lstm_ln", "slstm", "mogrifier", "minlstm", "rglru", "mlstm", "attention")
 
 # The headline recipe's optimiser and regulariser at a size that lets 13 populations of 3 train
@@ -77,14 +79,20 @@ def train(workdir: str, cell: str, block: str, hidden: int, steps: int, seeds: i
     print("$", " ".join(command[1:]), flush=True)
     started = time.time()
     with open(f"{workdir}.log", "a") as log:
-        subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, check=True)
+        finished = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT)
+    if finished.returncode != 0:
+        raise UserError(
+            f"the run in {workdir} stopped with exit status {finished.returncode}; its last "
+            f"lines in {workdir}.log say why (the study resumes when run again)."
+        )
     print(f"{workdir}: {time.time() - started:.0f} s", flush=True)
 
 
 def summary(workdir: str, cell: str, block: str, hidden: int) -> dict[str, Any]:
     with open(os.path.join(workdir, "results.json")) as f:
         group = json.load(f)["groups"][0]
-    records = [json.loads(line) for line in open(os.path.join(workdir, "metrics.jsonl"))]
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+        records = [json.loads(line) for line in f]
     start = records[0]
     windows = [r for r in records if "chars_per_second" in r]
     # The first window includes compiling; the others are steady training.

@@ -12,7 +12,7 @@ import os
 import time
 from typing import TYPE_CHECKING, Any
 
-from lstm_jax.errors import UserError
+from lstm_jax.errors import UserError, argument
 
 if TYPE_CHECKING:
     from lstm_jax.data import Vocab
@@ -52,34 +52,44 @@ def restore_model(
     vanish: 'latest' and 'best' then read the trainer's newest whole step (or new best) instead,
     and an explicit step is said to be removed, never called unreadable.
     """
-    from lstm_jax.checkpoint import NoCheckpoint, checkpoint_dir, committed_steps
+    from lstm_jax.checkpoint import NoCheckpoint
 
-    for _ in range(_READ_ATTEMPTS):
+    for attempt in range(_READ_ATTEMPTS):
         reading: list[int] = []
         try:
             return _restore_model(workdir, checkpoint, member, reading)
         except NoCheckpoint:
-            # A listing taken while the trainer swapped its steps can look empty: look again.
-            if not committed_steps(checkpoint_dir(workdir)):
+            # A listing taken while the trainer swapped its steps can look empty: look again,
+            # unless the folder really has no whole step.
+            if attempt == _READ_ATTEMPTS - 1 or not _has_steps(workdir):
                 raise
         except UserError:
-            if not reading or not _removed(checkpoint_dir(workdir), reading[-1], committed_steps):
+            if not reading or not _removed(workdir, reading[-1]):
                 raise
             if str(checkpoint) not in ("best", "latest"):
                 raise UserError(
                     f"Checkpoint step {reading[-1]} was removed by the running trainer while it "
-                    f"was read (it keeps the newest --keep_checkpoints and the best); pick a "
-                    f"newer one with --checkpoint (python -m lstm_jax.info {workdir} lists "
-                    "them), or latest."
+                    f"was read (it keeps its newest steps and the best); pick a newer one with "
+                    f"{argument('checkpoint')} (python -m lstm_jax.info {workdir} lists them), "
+                    "or latest."
                 ) from None
     raise UserError(
-        f"The checkpoints in {workdir} changed {_READ_ATTEMPTS} times while being read; run the "
-        "command again, or save less often (--checkpoint_every)."
+        f"The checkpoints in {workdir} changed {_READ_ATTEMPTS} times while being read; try "
+        "again, or let the trainer save less often (--checkpoint_every)."
     )
 
 
-def _removed(directory: Any, step: int, committed_steps: Any) -> bool:
-    """Whether `step` is gone (or going: Orbax deletes a folder file by file) from `directory`."""
+def _has_steps(workdir: str | os.PathLike) -> bool:
+    from lstm_jax.checkpoint import checkpoint_dir, committed_steps
+
+    return bool(committed_steps(checkpoint_dir(workdir)))
+
+
+def _removed(workdir: str | os.PathLike, step: int) -> bool:
+    """Whether `step` is gone (or going: Orbax deletes a folder file by file) from `workdir`."""
+    from lstm_jax.checkpoint import checkpoint_dir, committed_steps
+
+    directory = checkpoint_dir(workdir)
     if step not in committed_steps(directory):
         return True
     time.sleep(0.5)  # A deletion under way finishes in milliseconds; a damaged step stays.
