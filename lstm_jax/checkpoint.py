@@ -37,7 +37,7 @@ from absl import logging
 from etils import epath
 from orbax.checkpoint import checkpoint_managers as policies
 
-from lstm_jax.errors import UserError, argument, reason
+from lstm_jax.errors import NoCheckpoint, UserError, argument, reason
 
 ITEMS = ("state", "carry", "meta")
 META_KEYS = ("vocab", "settings")  # What every reader of a checkpoint's metadata needs.
@@ -89,16 +89,9 @@ class Checkpoints:
             ),
             enable_async_checkpointing=True,
         )
-        for attempt in range(_LIST_ATTEMPTS):
-            try:
-                self._manager = ocp.CheckpointManager(
-                    self.directory, item_names=ITEMS + LEGACY_ITEMS, options=options
-                )
-                break
-            except FileNotFoundError:
-                # A running trainer deleted a step while Orbax listed the folder: list it again.
-                if attempt == _LIST_ATTEMPTS - 1:
-                    raise
+        self._manager = ocp.CheckpointManager(
+            self.directory, item_names=ITEMS + LEGACY_ITEMS, options=options
+        )
         self._save_error: UserError | None = None
         self._partial = self._find_partial_steps(read_only)
 
@@ -349,14 +342,6 @@ class Checkpoints:
         except Exception as e:  # noqa: BLE001 - any failure to write stops the run the same way.
             self._save_error = SaveFailed(self, e)
             raise self._save_error from None
-
-
-# How often a reader lists the folder again when a running trainer deletes a step meanwhile.
-_LIST_ATTEMPTS = 5
-
-
-class NoCheckpoint(UserError):
-    """The folder has no whole step (yet): train first."""
 
 
 class UnreadableCheckpoint(UserError):

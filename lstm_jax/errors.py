@@ -32,6 +32,10 @@ class UsageError(UserError):
     exit_code = 2
 
 
+class NoCheckpoint(UserError):
+    """A run folder with no whole checkpoint step (yet): train first."""
+
+
 @contextlib.contextmanager
 def python_arguments() -> Iterator[None]:
     """Within the block, `argument` spells settings as Python arguments (`length=0`), not flags."""

@@ -12,7 +12,7 @@ import os
 import time
 from typing import TYPE_CHECKING, Any
 
-from lstm_jax.errors import UserError, argument
+from lstm_jax.errors import NoCheckpoint, UserError, argument
 
 if TYPE_CHECKING:
     from lstm_jax.data import Vocab
@@ -52,12 +52,14 @@ def restore_model(
     vanish: 'latest' and 'best' then read the trainer's newest whole step (or new best) instead,
     and an explicit step is said to be removed, never called unreadable.
     """
-    from lstm_jax.checkpoint import NoCheckpoint
-
     for attempt in range(_READ_ATTEMPTS):
         reading: list[int] = []
         try:
             return _restore_model(workdir, checkpoint, member, reading)
+        except (FileNotFoundError, NotADirectoryError):
+            # A step deleted while Orbax listed the folder (it stats every step): list again.
+            if attempt == _READ_ATTEMPTS - 1:
+                raise
         except NoCheckpoint:
             # A listing taken while the trainer swapped its steps can look empty: look again,
             # unless the folder really has no whole step.
