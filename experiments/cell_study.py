@@ -2,7 +2,7 @@
 same steps and seeds, one population run each; then the best cells again with --block=prenorm.
 
     nice python experiments/cell_study.py [--out=runs/cell_study] [--steps=1000] [--seeds=3] \\
-        [--target=1000000] [--cells=lstm,gru,...] [--prenorm=4] [--plan]
+        [--target=1000000] [--cells=lstm,gru,...] [--block=plain] [--prenorm=4] [--plan]
 
 - The width of each (cell, block) is the multiple of 16 whose parameter count is nearest to
   --target, found by bisection over the model's own parameter tree (`jax.eval_shape`, nothing
@@ -11,10 +11,12 @@ same steps and seeds, one population run each; then the best cells again with --
   population of K seeds trained in one job, each member chosen on validation and scored once on
   test (its results.json). A finished run (results.json present) is not trained again, so the
   study resumes where it stopped.
-- After the plain runs, the --prenorm best cells by mean validation bpc are run with
-  --block=prenorm.
+- After the plain runs, the --prenorm best cells by mean validation bpc (of every plain row in
+  OUT/study.json, earlier invocations' too) are run with --block=prenorm. `--block=prenorm
+  --cells=A,B` runs just those cells pre-norm.
 - Prints the table (mean +/- std over seeds, chars/s of the whole population and per member,
-  training time) and writes it to OUT/study.md and OUT/study.json.
+  training time) and writes it to OUT/study.md and OUT/study.json, merged with the rows that
+  earlier invocations wrote there (a row per cell and block).
 """
 
 from __future__ import annotations
@@ -133,6 +135,7 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--target", type=int, default=1_000_000, help="Parameters per model.")
     parser.add_argument("--cells", default=",".join(CELLS))
+    parser.add_argument("--block", default="plain", choices=("plain", "prenorm"))
     parser.add_argument("--prenorm", type=int, default=4, help="Best plain cells run prenorm.")
     parser.add_argument("--plan", action="store_true", help="Print the widths; train nothing.")
     args = parser.parse_args()
@@ -151,24 +154,31 @@ def main() -> None:
         train(workdir, cell, block, hidden, args.steps, args.seeds)
         return summary(workdir, cell, block, hidden)
 
+    saved = os.path.join(args.out, "study.json")
     rows: list[dict[str, Any]] = []
+    if os.path.exists(saved):
+        with open(saved) as f:
+            rows = json.load(f)
 
     def save(row: dict[str, Any]) -> None:
         # After every run, so that a study stopped half way has its table so far.
+        rows[:] = [r for r in rows if (r["cell"], r["block"]) != (row["cell"], row["block"])]
         rows.append(row)
         with open(os.path.join(args.out, "study.md"), "w") as f:
             f.write(table(rows) + "\n")
-        with open(os.path.join(args.out, "study.json"), "w") as f:
+        with open(saved, "w") as f:
             json.dump(rows, f, indent=1)
 
     for cell in cells:
-        row = run(cell, "plain")
+        row = run(cell, args.block)
         if not args.plan:
             save(row)
     if args.plan:
         return
-    for leader in sorted(rows, key=lambda r: r["val_mean"])[: args.prenorm]:
-        save(run(leader["cell"], "prenorm"))
+    if args.block == "plain":
+        plain = [r for r in rows if r["block"] == "plain"]
+        for leader in sorted(plain, key=lambda r: r["val_mean"])[: args.prenorm]:
+            save(run(leader["cell"], "prenorm"))
     print(table(rows))
 
 

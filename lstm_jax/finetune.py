@@ -27,8 +27,9 @@ from lstm_jax import steps
 from lstm_jax.checkpoint import Checkpoints, abstract_like, checkpoint_dir, workdir_path
 from lstm_jax.config import Config, ModelConfig, model_config_from_settings
 from lstm_jax.data import Vocab, load_split
-from lstm_jax.errors import UsageError, UserError
+from lstm_jax.errors import NoCheckpoint, UsageError, UserError
 from lstm_jax.models import CharLSTM, init_params
+from lstm_jax.reader import beside_trainer
 from lstm_jax.steps import TrainState, bits_per_char
 
 SELECTORS = ("best", "latest")
@@ -87,21 +88,33 @@ def open_start(config: Config) -> Start | None:
                     continue
         finally:
             own.close()
-    return _init_source(config.init.init_from)
+    return _init_source(config.init.init_from)[0]
 
 
-def _init_source(spec: str) -> Start:
+def _init_source(spec: str, with_params: bool = False) -> tuple[Start, Any]:
+    """--init_from's checkpoint (and its parameters, `with_params`), read `beside_trainer`."""
     workdir, which = parse_init_from(spec)
     if not workdir_path(workdir).is_dir():
         raise UserError(
             f"--init_from={spec}: {workdir} does not exist; give the --workdir of a trained "
             "run, as WORKDIR[:best|latest|STEP]."
         )
+    return beside_trainer(
+        workdir,
+        which,
+        lambda reading: _read_source(spec, workdir, which, reading, with_params),
+        pick=f"--init_from={workdir}:STEP",
+    )
+
+
+def _read_source(
+    spec: str, workdir: str, which: str, reading: list[int], with_params: bool
+) -> tuple[Start, Any]:
     checkpoints = Checkpoints(workdir, read_only=True)
     try:
         saved = checkpoints.steps()
         if not saved:
-            raise UserError(
+            raise NoCheckpoint(
                 f"--init_from={spec}: no checkpoint in {checkpoints.directory}; give a run "
                 "that has saved one (python -m lstm_jax.info WORKDIR lists them)."
             )
@@ -113,8 +126,10 @@ def _init_source(spec: str) -> Start:
         step = checkpoints.best_step() if which == "best" else checkpoints.resolve(which)
         if step is None:  # No validation loss recorded: the newest stands in for the best.
             step = checkpoints.latest_step()
+        reading.append(step)
         try:
-            meta = checkpoints.read_meta(step)
+            start = Start(workdir, step, checkpoints.read_meta(step), own=False)
+            params = _restore_params(checkpoints, start) if with_params else None
         except Exception as e:  # noqa: BLE001 - any failure to read: pick another.
             raise UserError(
                 f"--init_from={spec}: checkpoint {checkpoints.directory}/{step} cannot be read "
@@ -122,7 +137,7 @@ def _init_source(spec: str) -> Start:
             ) from None
     finally:
         checkpoints.close()
-    return Start(workdir, step, meta, own=False)
+    return start, params
 
 
 def check_model(config: Config, start: Start, given: set[str] | None = None) -> Config:
@@ -193,7 +208,8 @@ def init_state(
     model, state = steps.init_state(config, vocab.size, total_steps)
     if start is None or start.own:
         return model, state
-    learnt = restore_params(start)
+    # Read again with the parameters: beside a running trainer, its step may have changed.
+    start, learnt = _init_source(config.init.init_from, with_params=True)
     params = jax.tree.map(jnp.asarray, grow(learnt, jax.device_get(state.params)))
     added = vocab.size - len(start.vocab)
     val_bpc = bits_per_char(start.meta.get("val_loss", float("nan")))
@@ -208,18 +224,14 @@ def init_state(
     )
 
 
-def restore_params(start: Start) -> Any:
+def _restore_params(checkpoints: Checkpoints, start: Start) -> Any:
     """The checkpoint's model parameters (their average, if that was its model), on the host
     as numpy arrays."""
     model = CharLSTM(start.model, len(start.vocab))
     abstract = jax.eval_shape(functools.partial(init_params, model), jax.random.key(0))
     sharding = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-    checkpoints = Checkpoints(start.workdir, read_only=True)
-    try:
-        params, _ = checkpoints.restore_model_params(start.step, abstract_like(abstract, sharding))
-        return jax.device_get(params)
-    finally:
-        checkpoints.close()
+    params, _ = checkpoints.restore_model_params(start.step, abstract_like(abstract, sharding))
+    return jax.device_get(params)
 
 
 def grow(learnt: Any, fresh: Any) -> Any:

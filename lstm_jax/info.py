@@ -22,8 +22,8 @@ from absl import logging
 
 from lstm_jax import cli
 from lstm_jax.config import setting
-from lstm_jax.errors import UsageError, UserError
-from lstm_jax.reader import MEMBER_HELP, member_note
+from lstm_jax.errors import NoCheckpoint, UsageError, UserError
+from lstm_jax.reader import MEMBER_HELP, beside_trainer, member_note
 
 
 @dataclasses.dataclass(frozen=True)
@@ -56,19 +56,26 @@ def _workdir(arguments: list[str], flag: str) -> str:
 def describe(workdir: str, member: str = "") -> str:
     """The checkpoint table and the model of the run in `workdir`, as printed; for a population,
     the checkpoints as `member` saw them (by default the best by validation) and every member."""
-    from lstm_jax.checkpoint import Checkpoints, workdir_path
-    from lstm_jax.reader import choose_member, member_meta
+    from lstm_jax.checkpoint import workdir_path
 
     if not workdir_path(workdir).is_dir():
         raise UserError(
             f"{workdir} does not exist; give a run folder (the --workdir of python -m "
             "lstm_jax.main)."
         )
+    # Beside a running trainer the listing may change under it: read it again then.
+    return beside_trainer(workdir, "latest", lambda reading: _describe(workdir, member, reading))
+
+
+def _describe(workdir: str, member: str, reading: list[int]) -> str:
+    from lstm_jax.checkpoint import Checkpoints
+    from lstm_jax.reader import choose_member, member_meta, removed
+
     checkpoints = Checkpoints(workdir, read_only=True)
     try:
         steps = checkpoints.steps()
         if not steps:
-            raise UserError(
+            raise NoCheckpoint(
                 f"No checkpoint in {checkpoints.directory}; train first with python -m "
                 f"lstm_jax.main --workdir={workdir}."
             )
@@ -77,6 +84,9 @@ def describe(workdir: str, member: str = "") -> str:
             try:
                 metas[step] = checkpoints.read_meta(step)
             except Exception as e:  # noqa: BLE001 - a damaged one is listed, not fatal.
+                if removed(workdir, step):  # By the running trainer, not damaged: list again.
+                    reading.append(step)
+                    raise UserError(f"Step {step} was removed while it was read.") from None
                 lines.append((step, f"  {step:>8}  unreadable ({type(e).__name__})"))
         members = metas[max(metas)].get("members") if metas else None
         index = choose_member(members, member, workdir)

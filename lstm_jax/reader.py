@@ -10,13 +10,16 @@ import functools
 import math
 import os
 import time
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from lstm_jax.errors import NoCheckpoint, UserError, argument
 
 if TYPE_CHECKING:
     from lstm_jax.data import Vocab
     from lstm_jax.models import CharLSTM
+
+T = TypeVar("T")
 
 # The readers' (sample, evaluate, export, info) choice of a population's member.
 MEMBER_HELP = (
@@ -48,14 +51,33 @@ def restore_model(
     such as 'learning_rate=0.004' or 'seed=1', or empty for the best member by validation);
     'best' is then that member's best step, and `meta` describes that member (`choose_member`).
 
-    Beside a running trainer, whose retention policy deletes old steps, the step being read may
-    vanish: 'latest' and 'best' then read the trainer's newest whole step (or new best) instead,
-    and an explicit step is said to be removed, never called unreadable.
+    Read `beside_trainer`: a step removed by a running trainer meanwhile is never called
+    unreadable.
+    """
+
+    def read(reading: list[int]) -> tuple[CharLSTM, Any, Vocab, int, dict[str, Any]]:
+        return _restore_model(workdir, checkpoint, member, reading)
+
+    return beside_trainer(workdir, str(checkpoint), read)
+
+
+def beside_trainer(
+    workdir: str | os.PathLike,
+    checkpoint: str,
+    read: Callable[[list[int]], T],
+    pick: str | None = None,
+) -> T:
+    """`read(reading)`, which appends to `reading` each step it starts to read, tried again
+    while a running trainer's retention policy removes what it reads.
+
+    For 'latest' and 'best', the next try reads the trainer's newest whole step (or new best);
+    an explicit step that was removed is said so in one line (`pick`: how the caller names a
+    step, by default the checkpoint argument), never called unreadable.
     """
     for attempt in range(_READ_ATTEMPTS):
         reading: list[int] = []
         try:
-            return _restore_model(workdir, checkpoint, member, reading)
+            return read(reading)
         except (FileNotFoundError, NotADirectoryError):
             # A step deleted while Orbax listed the folder (it stats every step): list again.
             if attempt == _READ_ATTEMPTS - 1:
@@ -66,14 +88,14 @@ def restore_model(
             if attempt == _READ_ATTEMPTS - 1 or not _has_steps(workdir):
                 raise
         except UserError:
-            if not reading or not _removed(workdir, reading[-1]):
+            if not reading or not removed(workdir, reading[-1]):
                 raise
-            if str(checkpoint) not in ("best", "latest"):
+            if checkpoint not in ("best", "latest"):
                 raise UserError(
                     f"Checkpoint step {reading[-1]} was removed by the running trainer while it "
                     f"was read (it keeps its newest steps and the best); pick a newer one with "
-                    f"{argument('checkpoint')} (python -m lstm_jax.info {workdir} lists them), "
-                    "or latest."
+                    f"{pick or argument('checkpoint')} (python -m lstm_jax.info {workdir} lists "
+                    "them), or latest."
                 ) from None
     raise UserError(
         f"The checkpoints in {workdir} changed {_READ_ATTEMPTS} times while being read; try "
@@ -87,7 +109,7 @@ def _has_steps(workdir: str | os.PathLike) -> bool:
     return bool(committed_steps(checkpoint_dir(workdir)))
 
 
-def _removed(workdir: str | os.PathLike, step: int) -> bool:
+def removed(workdir: str | os.PathLike, step: int) -> bool:
     """Whether `step` is gone (or going: Orbax deletes a folder file by file) from `workdir`."""
     from lstm_jax.checkpoint import checkpoint_dir, committed_steps
 
@@ -147,13 +169,16 @@ def population_size(workdir: str | os.PathLike) -> int | None:
     `UserError` where there is no checkpoint."""
     from lstm_jax.checkpoint import Checkpoints
 
-    checkpoints = Checkpoints(workdir, read_only=True)
-    try:
-        checkpoints.resolve("latest")  # A clear error where there is no checkpoint.
-        members = _population(checkpoints)
-    finally:
-        checkpoints.close()
-    return None if members is None else len(members)
+    def read(reading: list[int]) -> int | None:
+        checkpoints = Checkpoints(workdir, read_only=True)
+        try:
+            checkpoints.resolve("latest")  # A clear error where there is no checkpoint.
+            members = _population(checkpoints)
+        finally:
+            checkpoints.close()
+        return None if members is None else len(members)
+
+    return beside_trainer(workdir, "latest", read)
 
 
 def _population(checkpoints: Any) -> list[dict[str, Any]] | None:

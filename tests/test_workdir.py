@@ -24,7 +24,9 @@ from subprocesses import run_module, start_module
 from lstm_jax import workdir as workdir_module
 from lstm_jax.checkpoint import Checkpoints
 from lstm_jax.errors import UserError
-from lstm_jax.reader import restore_model
+from lstm_jax.finetune import _init_source
+from lstm_jax.info import describe
+from lstm_jax.reader import population_size, restore_model
 from lstm_jax.train import train_and_evaluate
 from lstm_jax.workdir import LOCK_FILE, Holder, claim
 
@@ -348,6 +350,49 @@ def test_an_explicit_step_deleted_while_read_is_said_removed_not_unreadable(
     assert "step 8 was removed by the running trainer" in message and "--checkpoint" in message
 
 
+def test_init_from_latest_deleted_while_read_starts_from_the_next_newest_step(
+    three_checkpoints, monkeypatch
+):
+    _, workdir = three_checkpoints
+    deleted = _deleted_while_read(monkeypatch, workdir)
+    start, params = _init_source(f"{workdir}:latest", with_params=True)
+    assert deleted == [12] and start.step == 8
+    assert params["embed"]["embedding"].shape == (len(start.vocab), 8)
+
+
+def test_init_from_an_explicit_step_deleted_while_read_is_said_removed_not_unreadable(
+    three_checkpoints, monkeypatch
+):
+    _, workdir = three_checkpoints
+    deleted = _deleted_while_read(monkeypatch, workdir)
+    with pytest.raises(UserError) as raised:
+        _init_source(f"{workdir}:8", with_params=True)
+    message = str(raised.value)
+    assert deleted == [8] and "cannot be read" not in message
+    assert "step 8 was removed by the running trainer" in message
+    assert f"--init_from={workdir}:STEP" in message
+
+
+def test_info_lists_again_when_a_step_is_removed_while_it_reads_it(
+    three_checkpoints, monkeypatch
+):
+    _, workdir = three_checkpoints
+    original = Checkpoints.read_meta
+    deleted: list[int] = []
+
+    def read_meta(self, step):
+        if step == 4 and not deleted:  # The trainer's retention policy, mid-listing.
+            deleted.append(step)
+            shutil.rmtree(workdir / "checkpoints" / "4")
+        return original(self, step)
+
+    monkeypatch.setattr(Checkpoints, "read_meta", read_meta)
+    text = describe(str(workdir))
+    assert deleted == [4] and "unreadable" not in text
+    assert "2 checkpoint(s)" in text.splitlines()[0]
+    assert [line.replace("*", " ").split()[0] for line in text.splitlines()[2:]][:2] == ["8", "12"]
+
+
 def test_a_hundred_reads_beside_a_trainer_rotating_its_checkpoints_all_succeed(
     small_text_path, tmp_path
 ):
@@ -361,9 +406,17 @@ def test_a_hundred_reads_beside_a_trainer_rotating_its_checkpoints_all_succeed(
     trainer = start_module(*args, compile_cache=False)
     try:
         _wait_for(lambda: any(p.name.isdigit() for p in (workdir / "checkpoints").glob("*")))
-        steps = [restore_model(workdir, ("latest", "best")[k % 2])[3] for k in range(100)]
+        readers = (
+            lambda: restore_model(workdir, "latest")[3],
+            lambda: restore_model(workdir, "best")[3],
+            lambda: _init_source(f"{workdir}:latest", with_params=True)[0].step,
+            lambda: int(describe(str(workdir)).splitlines()[2].replace("*", " ").split()[0]),
+            lambda: population_size(workdir),
+        )
+        steps = [readers[k % len(readers)]() for k in range(100)]
         assert trainer.poll() is None, trainer.stderr.read()[-2000:]  # It trained all along.
-        assert len(set(steps)) > 5  # The reads followed the trainer's new steps.
+        assert steps[4::5] == [None] * 20  # A single run's workdir, every time.
+        assert len(set(steps[::5])) > 3  # The reads followed the trainer's new steps.
     finally:
         trainer.kill()
         trainer.wait()
