@@ -70,7 +70,7 @@ def _lstm_parameters(hidden: int) -> int:
     return first + second + hidden * 96 + 96 + 96 * 64
 
 
-def test_cell_study_widths_are_the_nearest_to_the_target_and_bad_cells_are_one_line():
+def test_cell_study_widths_are_the_nearest_to_the_target_and_bad_cells_are_one_line(tmp_path):
     import importlib.util
 
     spec = importlib.util.spec_from_file_location("cell_study", ROOT / "experiments/cell_study.py")
@@ -86,3 +86,11 @@ def test_cell_study_widths_are_the_nearest_to_the_target_and_bad_cells_are_one_l
     bad = _script(ROOT / "experiments/cell_study.py", "--cells=lstm,transformer", "--plan")
     assert bad.returncode == 2 and "Traceback" not in bad.stderr
     assert "transformer" in bad.stderr.strip().splitlines()[-1]
+    planned = _script(
+        ROOT / "experiments/cell_study.py", "--cells=lstm,gru", "--block=prenorm", "--plan",
+        f"--out={tmp_path}",
+    )  # fmt: skip
+    lines = planned.stdout.strip().splitlines()
+    assert planned.returncode == 0 and [line.split(":")[0] for line in lines] == [
+        "lstm, prenorm", "gru, prenorm",
+    ], planned.stdout  # fmt: skip
