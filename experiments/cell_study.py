@@ -135,14 +135,20 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--target", type=int, default=1_000_000, help="Parameters per model.")
     parser.add_argument("--cells", default=",".join(CELLS))
-    parser.add_argument("--block", default="plain", choices=("plain", "prenorm"))
-    parser.add_argument("--prenorm", type=int, default=4, help="Best plain cells run prenorm.")
+    parser.add_argument(
+        "--block", default="plain", choices=("plain", "prenorm"), help="The block of --cells' runs."
+    )
+    parser.add_argument(
+        "--prenorm", type=int, help="With --block=plain: best plain cells run prenorm (4)."
+    )
     parser.add_argument("--plan", action="store_true", help="Print the widths; train nothing.")
     args = parser.parse_args()
     cells = [c for c in args.cells.split(",") if c]
     unknown = sorted(set(cells) - set(CELLS))
     if unknown:
         parser.error(f"unknown --cells {unknown}; choose from {', '.join(CELLS)}")
+    if args.block == "prenorm" and args.prenorm is not None:
+        parser.error("--prenorm picks the plain leaders; with --block=prenorm name them in --cells")
     os.makedirs(args.out, exist_ok=True)
 
     def run(cell: str, block: str) -> dict[str, Any]:
@@ -177,7 +183,8 @@ def main() -> None:
         return
     if args.block == "plain":
         plain = [r for r in rows if r["block"] == "plain"]
-        for leader in sorted(plain, key=lambda r: r["val_mean"])[: args.prenorm]:
+        leaders = 4 if args.prenorm is None else args.prenorm
+        for leader in sorted(plain, key=lambda r: r["val_mean"])[:leaders]:
             save(run(leader["cell"], "prenorm"))
     print(table(rows))
 

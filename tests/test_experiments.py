@@ -94,3 +94,5 @@ def test_cell_study_widths_are_the_nearest_to_the_target_and_bad_cells_are_one_l
     assert planned.returncode == 0 and [line.split(":")[0] for line in lines] == [
         "lstm, prenorm", "gru, prenorm",
     ], planned.stdout  # fmt: skip
+    both = _script(ROOT / "experiments/cell_study.py", "--block=prenorm", "--prenorm=2", "--plan")
+    assert both.returncode == 2 and "name them in --cells" in both.stderr.strip().splitlines()[-1]
