@@ -1,4 +1,7 @@
-"""Small builders the tests share: models from flat settings, a run stopped as SIGTERM stops it."""
+"""Small builders the tests share: models from flat settings, a run stopped as SIGTERM stops it,
+parameters split between CI and `-m slow`."""
+
+import pytest
 
 from lstm_jax.config import Config
 from lstm_jax.models import CharLSTM, build_model
@@ -34,3 +37,10 @@ def stop_after(config, step, devices, batches_per_step: int = 1):
         Batcher.batch = original
     assert result.stopped_early and result.step == step
     return result
+
+
+def ci_or_slow(values, ci) -> list:
+    """Parameters for pytest.mark.parametrize: those in `ci` as they are, the rest marked slow
+    (run with -m slow). For variants of one behaviour whose every value would add to the
+    suite's time and little to what it checks; keep in `ci` the values that differ most."""
+    return [v if v in ci else pytest.param(v, marks=pytest.mark.slow) for v in values]

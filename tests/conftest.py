@@ -134,3 +134,22 @@ def _free_compiled_programs():
 
     jax.clear_caches()
     gc.collect()
+
+
+def pytest_collection_modifyitems(config, items) -> None:
+    """Under pytest-xdist, keep the tests that share a module-scoped fixture on one worker.
+
+    With `-n 2` the tests of a file are spread over both workers, and each worker would then set
+    up the file's trained workdir itself: twice the work for the slowest fixtures of the suite.
+    An xdist_group per such file (honoured with --dist loadgroup, which pyproject.toml sets)
+    keeps them together; every other test is still handed to whichever worker is free.
+    """
+    for item in items:
+        definitions = getattr(item, "_fixtureinfo", None)
+        if definitions is None:
+            continue
+        if any(
+            defs[-1].scope == "module" and defs[-1].baseid.endswith(".py")
+            for defs in definitions.name2fixturedefs.values()
+        ):
+            item.add_marker(pytest.mark.xdist_group(item.module.__name__))

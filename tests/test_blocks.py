@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from builders import make_model
+from builders import ci_or_slow, make_model
 from test_cells import _sample_by_hand, _sample_from_checkpoint
 
 from lstm_jax import memory
@@ -25,7 +25,9 @@ EXTENDING = Path(__file__).resolve().parents[1] / "docs" / "extending.md"
 pytestmark = pytest.mark.usefixtures("fast_compile")  # conftest.py
 
 
-@pytest.mark.parametrize("cell", ["lstm", "rglru", "mlstm", "attention"])
+# The block is the same code around every cell: CI trains it around the LSTM, the other cells run
+# with -m slow (each cell's own training is in test_cells.py).
+@pytest.mark.parametrize("cell", ci_or_slow(["lstm", "rglru", "mlstm", "attention"], ["lstm"]))
 def test_prenorm_trains_pmapped_resumes_and_samples(tiny_config, cell):
     # tiny_config: embed_dim 8, hidden 16, so the embedding is projected to the stream once.
     config = tiny_config.replace(
@@ -45,7 +47,9 @@ def test_prenorm_trains_pmapped_resumes_and_samples(tiny_config, cell):
     assert text == _sample_by_hand(config, resumed.params, vocab, "The ", 60, seed=3)
 
 
-@pytest.mark.parametrize("cell", ["gru", "rglru", "mlstm", "attention"])
+@pytest.mark.parametrize(
+    "cell", ci_or_slow(["gru", "rglru", "mlstm", "attention"], ["gru", "attention"])
+)
 def test_prenorm_over_a_sequence_equals_stepping_one_character_at_a_time(cell):
     # The MLP and the norms act per character: the block keeps the cell's carry as it is.
     model = make_model(11, embed_dim=5, hidden=7, num_layers=2, cell=cell, block="prenorm")

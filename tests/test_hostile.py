@@ -24,7 +24,7 @@ import time
 from pathlib import Path
 
 import pytest
-from subprocesses import ROOT, command_env, run_module
+from subprocesses import ROOT, command_env, run, run_module
 
 from lstm_jax.workdir import LOCK_FILE, _process_start
 
@@ -274,9 +274,7 @@ def test_hostile_input_is_one_clear_line_and_changes_nothing(
     argv, env = _command(command, args, workdir, text)
     with setup(workdir):
         before = _snapshot(workdir)
-        result = subprocess.run(
-            argv, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120
-        )
+        result = run(argv, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
         after = _snapshot(workdir)
     stderr = result.stderr
     assert result.returncode == code, stderr[-3000:]

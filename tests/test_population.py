@@ -44,13 +44,19 @@ def pop_config(tiny_config):
     )
 
 
+# CI runs one member after another on one device and all batched and sharded over 8 (the two
+# layouts furthest apart); the other two cases run with -m slow.
+SLOW = pytest.mark.slow
+
+
 @pytest.mark.parametrize(
     "num_devices, grid, seeds, member_loop",
     [
         # 8 members, data parallel on 1, one after another (auto on a CPU) and batched.
         (1, "learning_rate=0.01,0.02;dropout=0.1,0.3", 2, "auto"),
-        (1, "learning_rate=0.01,0.02;dropout=0.1,0.3", 2, "vmap"),
-        (8, "learning_rate=0.01,0.02", 2, "auto"),  # 4 members, each data parallel over 8.
+        pytest.param(1, "learning_rate=0.01,0.02;dropout=0.1,0.3", 2, "vmap", marks=SLOW),
+        # 4 members, each data parallel over 8.
+        pytest.param(8, "learning_rate=0.01,0.02", 2, "auto", marks=SLOW),
         (8, "learning_rate=0.01,0.02;dropout=0.1,0.3", 2, "vmap"),  # 8 sharded, 1 a device.
     ],
 )

@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from references import cross_entropy_sum
-from subprocesses import ROOT, command_env
+from subprocesses import ROOT, command_env, run
 from subprocesses import run_module as _run
 
 import lstm_jax
@@ -354,7 +354,7 @@ def test_export_refusals_write_nothing(workdir, tmp_path):
             env["PYTHONPATH"] = os.pathsep.join(
                 [env["PYTHONPATH"], os.environ.get("PYTHONPATH", "")]
             )
-        result = subprocess.run(
+        result = run(
             [sys.executable, "-m", "lstm_jax.export", *args],
             cwd=ROOT, env=command_env() | env, capture_output=True, text=True, timeout=300,
         )  # fmt: skip
