@@ -127,7 +127,9 @@ def run_module(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
 
 
 def start_module(*args: str, compile_cache: bool = True) -> subprocess.Popen:
-    """Start a command whose stderr (where progress goes) is read line by line."""
+    """Start a command whose stderr (where progress goes) is read line by line. Forked (with the
+    compile cache), it offers what tests use of Popen: pid, poll, wait, send_signal, kill,
+    terminate, stderr; not communicate (a killed trainer, compile_cache=False, is a Popen)."""
     return popen(
         [sys.executable, "-m", *args],
         cwd=ROOT,
