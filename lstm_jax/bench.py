@@ -182,8 +182,9 @@ def measure_training(
     log(f"Compiling the train step for {num_devices} device(s)...")
     start = time.perf_counter()
     # Compiled ahead of time, so that XLA's memory plan for the step can be read (on CPUs too).
-    p_train_step = parallel.train_step(devices).lower(state, host_batches[0], carry, True).compile()
-    memory_plan = p_train_step.memory_analysis()  # None where the backend does not report it.
+    compiled = parallel.train_step(devices).lower(state, host_batches[0], carry, True).compile()
+    memory_plan = compiled.memory_analysis()  # None where the backend does not report it.
+    p_train_step = parallel.one_call_in_flight(compiled, devices)
     steps_done = 0
 
     def run_steps(count: int) -> None:

@@ -86,9 +86,34 @@ def unshard(x: Any) -> np.ndarray:
     return x.reshape(x.shape[0] * x.shape[1], *x.shape[2:])
 
 
+def one_call_in_flight(step: Callable, devices: Sequence[jax.Device]) -> Callable:
+    """`step` (a pmapped function, or its compiled form) made to wait for each call's outputs
+    where XLA:CPU runs several devices; unchanged on one device and on accelerators.
+
+    XLA:CPU runs each device's part of a pmapped call as a task on one shared thread pool, and a
+    collective (the gradient mean) waits until every device's part has reached it. Calls queued
+    by asynchronous dispatch can fill the pool with parts of later calls waiting at their
+    collective while an earlier call's part waits for a thread: "Expected 8 threads to join the
+    rendezvous, but only 7 of them arrived", then an abort after 40 s (8 devices on a 2-core
+    Intel Xeon, JAX 0.10.2, after about a hundred queued steps). One call at a time cannot.
+    """
+    if len(devices) == 1 or devices[0].platform != "cpu":
+        return step
+
+    @functools.wraps(step)
+    def one_at_a_time(*args: Any) -> Any:
+        return jax.block_until_ready(step(*args))
+
+    return one_at_a_time
+
+
+def _pmap(fun: Callable, devices: Sequence[jax.Device], **kwargs: Any) -> Callable:
+    return one_call_in_flight(jax.pmap(fun, devices=devices, **kwargs), devices)
+
+
 def train_step(devices: Sequence[jax.Device]) -> Callable:
     """(state, batch[d, b, t+1], carry[d, ...], reset) -> (state, carry[d, ...], metrics)."""
-    return jax.pmap(
+    return _pmap(
         functools.partial(steps.train_step, axis_name=AXIS),
         axis_name=AXIS,
         in_axes=(None, 0, 0, None),
@@ -99,7 +124,7 @@ def train_step(devices: Sequence[jax.Device]) -> Callable:
 
 def eval_step(apply_fn: Callable, devices: Sequence[jax.Device]) -> Callable:
     """(params, carry[d, ...], inputs, targets, weights) -> (carry[d, ...], metric sums)."""
-    return jax.pmap(
+    return _pmap(
         functools.partial(steps.eval_step, apply_fn=apply_fn, axis_name=AXIS),
         axis_name=AXIS,
         in_axes=(None, 0, 0, 0, 0),
@@ -207,7 +232,7 @@ class PopulationLayout:
         """(states, batch, carry, reset, hparams) -> (states, carry, per-member metric sums)."""
         step = functools.partial(steps.train_step, axis_name=AXIS)
         if not self.sharded:
-            return jax.pmap(
+            return _pmap(
                 _over_members(step, (0, 0, 0, None, 0), self.vmapped),
                 axis_name=AXIS,
                 in_axes=(None, 0, 0, None, None),
@@ -220,7 +245,7 @@ class PopulationLayout:
             state, carry, metrics = one_device(state, batch, carry, reset, hparams)
             return _first(state), carry, _first(metrics)
 
-        return jax.pmap(
+        return _pmap(
             _over_members(member, (0, 0, 0, None, 0), self.vmapped),
             axis_name=MEMBERS_AXIS,
             in_axes=(0, 0, 0, None, 0),
@@ -231,7 +256,7 @@ class PopulationLayout:
         """(params, carry, inputs, targets, weights) -> (carry, per-member metric sums)."""
         step = functools.partial(steps.eval_step, apply_fn=apply_fn, axis_name=AXIS)
         if not self.sharded:
-            return jax.pmap(
+            return _pmap(
                 _over_members(step, (0, 0, None, None, None), self.vmapped),
                 axis_name=AXIS,
                 in_axes=(None, 0, 0, 0, 0),
@@ -244,7 +269,7 @@ class PopulationLayout:
             carry, metrics = one_device(params, carry, inputs, targets, weights)
             return carry, _first(metrics)
 
-        return jax.pmap(
+        return _pmap(
             _over_members(member, (0, 0, None, None, None), self.vmapped),
             axis_name=MEMBERS_AXIS,
             in_axes=(0, 0, None, None, None),

@@ -45,8 +45,11 @@ def _serve(path: str) -> dict | None:
     """Accept requests until the parent goes; returns the request in a child, None in the server."""
     parent = os.getppid()
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    listener.bind(path)
+    # Bound under another name and renamed once listening: the client waits for `path` to exist,
+    # and a connect between bind and listen is refused (seen once in a suite run).
+    listener.bind(path + ".binding")
     listener.listen(64)
+    os.rename(path + ".binding", path)
     waiting: dict[int, socket.socket] = {}  # child pid -> the connection that asked for it
     while os.getppid() == parent:
         readable, _, _ = select.select([listener], [], [], 0.02)
