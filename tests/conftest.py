@@ -136,6 +136,7 @@ def _free_compiled_programs():
     gc.collect()
 
 
+@pytest.hookimpl(tryfirst=True)  # Before xdist reads the groups into the test ids.
 def pytest_collection_modifyitems(config, items) -> None:
     """Under pytest-xdist, keep the tests that share a module-scoped fixture on one worker.
 

@@ -109,7 +109,8 @@ def test_sigkill_during_a_save_leaves_the_previous_checkpoint_usable(small_text_
     # A wide layer makes each save tens of MB, so the kill lands while files are being written.
     workdir = tmp_path / "run"
     args = _train_args(
-        small_text_path, workdir, hidden=1024, num_steps=40, checkpoint_every=10, log_every=10
+        small_text_path, workdir, hidden=1024, num_layers=1, num_steps=40, checkpoint_every=10,
+        log_every=10,
     )
     checkpoint_root = workdir / "checkpoints"
     process = start_module(*args, compile_cache=False)  # It is killed: see conftest.py.
