@@ -946,6 +946,16 @@ MUTATIONS: tuple[Mutation, ...] = (
         "evaluate --ensemble=W1,W2 scores W1's models alone",
         k="ensemble",
     ),
+    # --- XLA:CPU's collectives with steps queued (issue 26) -----------------------------------
+    Mutation(
+        "pmapped_steps_queued_on_a_multi_device_cpu",
+        "parallel.py",
+        '    if len(devices) == 1 or devices[0].platform != "cpu":\n        return step\n',
+        "    return step\n",
+        ("tests/test_train.py",),
+        "pmapped steps queue up on 8 CPU devices; XLA:CPU's rendezvous aborts after 40 s",
+        k="many_queued",
+    ),
 )
 
 
